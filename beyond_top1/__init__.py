@@ -1,0 +1,31 @@
+"""beyond-top1: how predictions form layer by layer, beyond the top-1 token.
+
+A mechanistic-interpretability toolkit on TransformerLens: lenses (logit, linear-shortcut,
+tuned), top-k saturation events, task-index probes, task-shift interventions and early exit.
+"""
+
+from beyond_top1.activations import ResidualBatch, stream_residuals
+from beyond_top1.assets import AssetMissingError
+from beyond_top1.data import load_texts, tokenize, wiki_texts
+from beyond_top1.lenses import Lens, LogitLens
+from beyond_top1.models import DEFAULT_MODEL, OFFLINE_MODELS, UnknownModelError, load_model
+from beyond_top1.readout import format_top_tokens, top_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "OFFLINE_MODELS",
+    "AssetMissingError",
+    "Lens",
+    "LogitLens",
+    "ResidualBatch",
+    "UnknownModelError",
+    "format_top_tokens",
+    "load_model",
+    "load_texts",
+    "stream_residuals",
+    "tokenize",
+    "top_tokens",
+    "wiki_texts",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from beyond_top1.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""Stream residual streams over many texts, one batch at a time.
+
+Every corpus-level analysis reads from :func:`stream_residuals`. It caches only the hooks it
+needs (``names_filter``), keeps only the real, scored positions of each batch (padding and BOS
+are dropped before anything is yielded), and holds no more than one batch in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from beyond_top1 import hooked
+from beyond_top1.data import iter_token_batches
+
+
+@dataclass
+class ResidualBatch:
+    """Residual streams of the scored positions of one batch of texts, flattened to ``tokens``.
+
+    ``resid[:, j]`` is the residual at layer ``layers[j]`` (``-1`` = embedding, ``l`` =
+    ``blocks.{l}.hook_resid_post``). ``next_token_ids`` is ``-1`` where the text ends.
+    """
+
+    resid: Float[Tensor, "tokens layer d_model"]
+    layers: tuple[int, ...]
+    token_ids: Int[Tensor, " tokens"]
+    next_token_ids: Int[Tensor, " tokens"]
+    text_ids: Int[Tensor, " tokens"]
+    positions: Int[Tensor, " tokens"]
+    batch_index: int
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def at(self, layer: int) -> Float[Tensor, "tokens d_model"]:
+        """The residual at one layer (by layer index, not by column)."""
+        try:
+            return self.resid[:, self.layers.index(layer)]
+        except ValueError:
+            raise KeyError(f"layer {layer} was not streamed; streamed: {self.layers}") from None
+
+
+def resolve_layers(model, layers: Sequence[int] | None) -> tuple[int, ...]:
+    """``None`` means every ``resid_post`` layer ``0..L-1``; each index is validated."""
+    if layers is None:
+        return tuple(range(hooked.n_layers(model)))
+    resolved = tuple(hooked.check_layer(model, int(l)) for l in layers)
+    if not resolved:
+        raise ValueError("layers is empty")
+    return resolved
+
+
+def stream_residuals(
+    model,
+    texts: Iterable[str],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    max_len: int = 128,
+    skip_batches: int = 0,
+    progress: bool = True,
+) -> Iterator[ResidualBatch]:
+    """Run ``model`` over ``texts`` in batches and yield residual streams of scored positions.
+
+    Args:
+        texts: any iterable of strings; consumed lazily. Texts are truncated to ``max_len``.
+        layers: layer indices to cache (``None``: all ``resid_post`` layers; ``-1``: embedding).
+        skip_batches: batches to skip without running the model (for resuming a run).
+        progress: show a tqdm progress bar (counted in texts).
+
+    Yields:
+        :class:`ResidualBatch` per batch, on the model's device.
+    """
+    layers = resolve_layers(model, layers)
+    device = hooked.model_device(model)
+    total = len(texts) if hasattr(texts, "__len__") else None
+    bar = tqdm(total=total, unit="text", desc="forward", disable=not progress, leave=False)
+    try:
+        batches = iter_token_batches(model, texts, batch_size=batch_size, max_len=max_len)
+        for index, batch in enumerate(batches):
+            bar.update(len(batch.text_ids))
+            if index < skip_batches:
+                continue
+            tokens = batch.tokens.to(device)
+            resid = hooked.run_with_residuals(model, tokens, layers)
+            scored = batch.scored.to(device)
+            rows, cols = scored.nonzero(as_tuple=True)
+            yield ResidualBatch(
+                resid=resid[rows, cols],
+                layers=layers,
+                token_ids=tokens[rows, cols],
+                next_token_ids=batch.next_tokens.to(device)[rows, cols],
+                text_ids=batch.text_ids.to(device)[rows],
+                positions=cols,
+                batch_index=index,
+            )
+            del resid
+    finally:
+        bar.close()
+
+
+def count_scored_tokens(model, texts: Iterable[str], *, max_len: int = 128) -> int:
+    """Number of positions :func:`stream_residuals` would yield for ``texts`` (tokenizes only)."""
+    return sum(b.n_tokens for b in iter_token_batches(model, texts, max_len=max_len))

@@ -1,0 +1,22 @@
+"""The logit lens: final norm + unembedding applied to each layer's own residual."""
+
+from __future__ import annotations
+
+from jaxtyping import Float
+from torch import Tensor
+
+from beyond_top1.lenses.base import Lens
+
+
+class LogitLens(Lens):
+    """``logits_l = unembed(ln_final(h_l))``, with the norm scale recomputed from ``h_l``.
+
+    The norm scale of layer ``l`` is never borrowed from the final layer (DESIGN.md §2).
+    """
+
+    kind = "logit"
+
+    def transform(
+        self, resid: Float[Tensor, "... d_model"], layer: int
+    ) -> Float[Tensor, "... d_model"]:
+        return resid

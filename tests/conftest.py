@@ -1,0 +1,83 @@
+"""Shared fixtures. Tests never reach the network: the hub is forced offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_tiny_model(
+    *,
+    n_layers: int = 3,
+    d_model: int = 32,
+    normalization: str = "RMS",
+    seed: int = 0,
+    d_vocab: int | None = None,
+):
+    """A small randomly initialised HookedTransformer with SmolLM2's tokenizer.
+
+    ``d_vocab`` defaults to the tokenizer's 49,152 tokens; pass a small value for tests that
+    never need text (token ids only).
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from beyond_top1.models import _quiet, smollm2_tokenizer
+
+    rotary = normalization == "RMS"
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        d_head=8,
+        n_heads=d_model // 8,
+        d_mlp=4 * d_model,
+        n_ctx=64,
+        d_vocab=d_vocab or 49152,
+        act_fn="silu" if rotary else "gelu_new",
+        normalization_type=normalization,
+        positional_embedding_type="rotary" if rotary else "standard",
+        rotary_dim=8 if rotary else None,
+        gated_mlp=rotary,
+        final_rms=rotary,
+        default_prepend_bos=False,
+        model_name=f"tiny-{normalization.lower()}-{n_layers}l",
+        seed=None,
+    )
+    tokenizer = smollm2_tokenizer() if d_vocab is None else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with _quiet():
+            model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    # Untrained TL models have near-zero residual updates; scale them up so layers differ.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("W_O", "W_out")):
+                param.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """3-layer RMSNorm/rotary model (SmolLM2-like) with the real tokenizer."""
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_ln_model():
+    """3-layer LayerNorm model (GPT-2-like) with the real tokenizer."""
+    return make_tiny_model(normalization="LN", seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The trained default model (converted once, then read from the cache)."""
+    from beyond_top1.models import load_model
+
+    return load_model("smollm2-135m")
