@@ -35,7 +35,7 @@ def _cmd_lens(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beyond-top1",
-        description="Lenses, top-k saturation events, task probes and early exit on TransformerLens.",
+        description="Lenses, top-k saturation events, task probes and early exit.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

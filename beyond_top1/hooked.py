@@ -104,7 +104,7 @@ def token_strings(model, ids) -> list[str]:
 
 
 def unembedding_fingerprint(model) -> str:
-    """SHA-256 of ``W_U``, ``b_U`` and ``ln_final``'s parameters: ties saved artefacts to a model."""
+    """SHA-256 of ``W_U``, ``b_U`` and ``ln_final``'s parameters; ties artefacts to a model."""
     digest = hashlib.sha256()
     tensors = [model.W_U, model.b_U, *[p for _, p in sorted(model.ln_final.named_parameters())]]
     for tensor in tensors:

@@ -50,7 +50,9 @@ def top_tokens(
         for j, layer in enumerate(layers):
             probs = lens(resid[position, j], layer).float().softmax(-1)
             values, indices = probs.topk(k)
-            for rank, (p, i) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
+            for rank, (p, i) in enumerate(
+                zip(values.tolist(), indices.tolist(), strict=True), start=1
+            ):
                 rows.append((layer, rank, i, p))
     frame = pd.DataFrame(rows, columns=["layer", "rank", "token_id", "prob"])
     frame.insert(3, "token", hooked.token_strings(model, frame["token_id"]))
@@ -59,7 +61,9 @@ def top_tokens(
 
 def format_top_tokens(frame: pd.DataFrame) -> str:
     """A layers × ranks text table of ``token (prob)`` cells."""
-    cells = frame.assign(cell=[f"{t!r} {p:.2f}" for t, p in zip(frame["token"], frame["prob"])])
+    cells = frame.assign(
+        cell=[f"{t!r} {p:.2f}" for t, p in zip(frame["token"], frame["prob"], strict=True)]
+    )
     table = cells.pivot(index="layer", columns="rank", values="cell")
     table.columns = [f"top-{r}" for r in table.columns]
     return table.to_string()
