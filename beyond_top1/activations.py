@@ -61,14 +61,15 @@ def stream_residuals(
     *,
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
-    max_len: int = 128,
+    max_len: int | None = None,
     skip_batches: int = 0,
     progress: bool = True,
 ) -> Iterator[ResidualBatch]:
     """Run ``model`` over ``texts`` in batches and yield residual streams of scored positions.
 
     Args:
-        texts: any iterable of strings; consumed lazily. Texts are truncated to ``max_len``.
+        texts: any iterable of strings; consumed lazily. Texts are truncated to
+            ``max_len`` (default 128 tokens, or the model's context if shorter).
         layers: layer indices to cache (``None``: all ``resid_post`` layers; ``-1``: embedding).
         skip_batches: batches to skip without running the model (for resuming a run).
         progress: show a tqdm progress bar (counted in texts).
@@ -104,6 +105,6 @@ def stream_residuals(
         bar.close()
 
 
-def count_scored_tokens(model, texts: Iterable[str], *, max_len: int = 128) -> int:
+def count_scored_tokens(model, texts: Iterable[str], *, max_len: int | None = None) -> int:
     """Number of positions :func:`stream_residuals` would yield for ``texts`` (tokenizes only)."""
     return sum(b.n_tokens for b in iter_token_batches(model, texts, max_len=max_len))

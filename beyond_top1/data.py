@@ -25,6 +25,7 @@ from beyond_top1 import hooked
 from beyond_top1.assets import WIKI_SUMMARIES
 
 SPLITS = ("train", "val", "all")
+DEFAULT_MAX_LEN = 128
 VAL_FRACTION = 0.1
 
 
@@ -180,15 +181,18 @@ def iter_token_batches(
     texts: Iterable[str],
     *,
     batch_size: int = 8,
-    max_len: int = 128,
+    max_len: int | None = None,
     start_text_id: int = 0,
 ) -> Iterator[TokenBatch]:
     """Tokenize ``texts`` lazily (truncating each to ``max_len``) and yield padded batches.
 
-    Texts are numbered from ``start_text_id`` in input order. Empty texts raise ``ValueError``.
+    ``max_len=None`` means 128 tokens, or the model's context if that is shorter. Texts are
+    numbered from ``start_text_id`` in input order. Empty texts raise ``ValueError``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_len is None:
+        max_len = min(DEFAULT_MAX_LEN, hooked.n_ctx(model))
     tok = hooked.tokenizer(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     bos = hooked.prepends_bos(model) and tok.bos_token_id is not None

@@ -1,0 +1,62 @@
+"""The command line, run as a user would: in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "beyond_top1", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def converted(smollm2):
+    """Make sure the model cache exists before subprocesses load it."""
+    return smollm2
+
+
+def test_lens_command_prints_paris_last(converted, tmp_path):
+    out_csv = tmp_path / "lens.csv"
+    result = run_cli("lens", "The capital of France is", "--k", "3", "--csv", str(out_csv))
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line[:2].strip().isdigit()]
+    assert len(rows) == 30
+    layer, first_cell = rows[-1].split(maxsplit=1)
+    assert layer == "29" and first_cell.startswith("' Paris'")
+    frame = pd.read_csv(out_csv, keep_default_na=False)
+    assert list(frame.columns) == ["layer", "rank", "token_id", "token", "prob"]
+    top = frame[(frame.layer == 29) & (frame["rank"] == 1)]
+    assert top.token.tolist() == [" Paris"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("lens", "   "), "The text is empty"),
+        (("lens", "hello", "--model", "no-such-model"), "untrained:smollm2-135m"),
+        (("lens", "hello", "--k", "0"), "k must be between 1"),
+    ],
+)
+def test_cli_errors_are_clear(converted, args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_rejects_over_long_text(converted):
+    result = run_cli("lens", "word " * 3000)
+    assert result.returncode == 2
+    assert "more than the limit of 2048" in result.stderr
