@@ -7,7 +7,14 @@ tuned), top-k saturation events, task-index probes, task-shift interventions and
 from beyond_top1.activations import ResidualBatch, stream_residuals
 from beyond_top1.assets import AssetMissingError
 from beyond_top1.data import load_texts, tokenize, wiki_texts
-from beyond_top1.lenses import Lens, LogitLens
+from beyond_top1.lenses import (
+    Lens,
+    LensFileError,
+    LinearShortcutLens,
+    LogitLens,
+    load_lens,
+    save_lens,
+)
 from beyond_top1.models import DEFAULT_MODEL, OFFLINE_MODELS, UnknownModelError, load_model
 from beyond_top1.readout import format_top_tokens, top_tokens
 
@@ -18,12 +25,16 @@ __all__ = [
     "OFFLINE_MODELS",
     "AssetMissingError",
     "Lens",
+    "LensFileError",
+    "LinearShortcutLens",
     "LogitLens",
     "ResidualBatch",
     "UnknownModelError",
     "format_top_tokens",
+    "load_lens",
     "load_model",
     "load_texts",
+    "save_lens",
     "stream_residuals",
     "tokenize",
     "top_tokens",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from pathlib import Path
 
 from beyond_top1.models import DEFAULT_MODEL
 
@@ -12,23 +14,124 @@ from beyond_top1.models import DEFAULT_MODEL
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="init seed for untrained models")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for untrained models, text order and training"
+    )
+
+
+def _add_text_args(parser: argparse.ArgumentParser, *, n_texts: int, split: str) -> None:
+    parser.add_argument("--texts-file", help="your own texts: .txt (one per line) or .jsonl")
+    parser.add_argument(
+        "--n-texts", type=int, default=n_texts, help="Wikipedia texts (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--split", default=split, choices=["train", "val", "all"], help="(default: %(default)s)"
+    )
+    parser.add_argument("--max-len", type=int, default=128, help="tokens per text (truncated)")
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    from beyond_top1.data import load_texts, wiki_texts
+
+    if args.texts_file:
+        texts = load_texts(args.texts_file)
+        return texts[: args.n_texts] if args.n_texts else texts
+    return wiki_texts(args.n_texts, split=args.split, seed=args.seed)
+
+
+def _load(args: argparse.Namespace):
+    from beyond_top1.models import load_model
+
+    return load_model(args.model, device=args.device, seed=args.seed)
+
+
+def _read_lens(model, directory: str | None):
+    from beyond_top1.lenses import LogitLens, load_lens
+
+    return LogitLens(model) if directory in (None, "logit") else load_lens(directory, model)
 
 
 def _cmd_lens(args: argparse.Namespace) -> int:
-    from beyond_top1.lenses import LogitLens
-    from beyond_top1.models import load_model
     from beyond_top1.readout import format_top_tokens, top_tokens
 
-    model = load_model(args.model, device=args.device, seed=args.seed)
-    lens = LogitLens(model)
+    model = _load(args)
+    lens = _read_lens(model, args.lens)
     frame = top_tokens(model, args.prompt, lens=lens, k=args.k, position=args.position)
-    print(
-        f"# {lens.kind} lens on {args.model}: top-{args.k} next tokens at position {args.position}"
-    )
+    print(f"# {lens.kind} lens on {args.model}: top-{args.k} next tokens, position {args.position}")
     print(format_top_tokens(frame))
     if args.csv:
         frame.to_csv(args.csv, index=False)
+    return 0
+
+
+def _cmd_fit_lens(args: argparse.Namespace) -> int:
+    from beyond_top1.lenses import LinearShortcutLens
+    from beyond_top1.lenses.tuned import train_tuned_lens
+
+    model = _load(args)
+    texts = _texts(args)
+    start = time.perf_counter()
+    if args.kind == "linear":
+        lens = LinearShortcutLens.fit(
+            model,
+            texts,
+            bias=args.bias,
+            ridge=args.ridge,
+            batch_size=args.batch_size,
+            max_len=args.max_len,
+        )
+    else:
+        overrides = {"max_steps": args.max_steps, "lr": args.lr, "seed": args.seed}
+        if args.time_limit is not None:
+            overrides["time_limit_s"] = args.time_limit
+        lens, history = train_tuned_lens(
+            model,
+            texts,
+            init=args.init,
+            batch_size=args.batch_size,
+            max_len=args.max_len,
+            **overrides,
+        )
+    seconds = time.perf_counter() - start
+    lens.save(args.out)
+    if args.kind == "tuned":
+        history.to_csv(Path(args.out) / "training_history.csv", index=False)
+    print(f"fitted a {args.kind} lens on {len(texts)} texts in {seconds:.0f} s -> {args.out}")
+    return 0
+
+
+def _cmd_eval_lens(args: argparse.Namespace) -> int:
+    from beyond_top1.figures import plot_lens_metrics, plot_quality_of_fit, save_figure
+    from beyond_top1.lenses import LogitLens
+    from beyond_top1.lenses.metrics import evaluate_lenses, quality_of_fit_matrix
+
+    model = _load(args)
+    lenses = {} if args.no_logit else {"logit": LogitLens(model)}
+    for directory in args.lens or []:
+        lens = _read_lens(model, directory)
+        name = lens.kind if lens.kind not in lenses else Path(directory).name
+        lenses[name] = lens
+    texts = _texts(args)
+    out = Path(args.out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    frame = evaluate_lenses(model, lenses, texts, batch_size=args.batch_size, max_len=args.max_len)
+    frame.to_csv(out / "lens_metrics.csv", index=False)
+    (out / "lens_metrics.json").write_text(frame.to_json(orient="records", indent=1))
+    for metric, figure in plot_lens_metrics(frame).items():
+        save_figure(figure, out / "figures" / metric)
+    if args.quality_of_fit:
+        from beyond_top1.data import wiki_texts
+
+        fit_texts = wiki_texts(args.fit_texts, split="train", seed=args.seed)
+        matrix = quality_of_fit_matrix(
+            model, fit_texts, texts, batch_size=args.batch_size, max_len=args.max_len
+        )
+        matrix.to_csv(out / "quality_of_fit.csv", index=False)
+        save_figure(plot_quality_of_fit(matrix), out / "figures" / "quality_of_fit")
+    summary = frame.pivot(index="layer", columns="lens", values=["kl", "precision_at_1"])
+    print(summary.round(3).to_string())
+    print(f"wrote {out}/lens_metrics.csv, .json and figures/")
     return 0
 
 
@@ -42,10 +145,34 @@ def build_parser() -> argparse.ArgumentParser:
     lens = commands.add_parser("lens", help="read a prompt layer by layer through a lens")
     lens.add_argument("prompt", help="the text to read")
     _add_model_args(lens)
+    lens.add_argument("--lens", help="a saved lens folder (default: the logit lens)")
     lens.add_argument("--k", type=int, default=5, help="tokens per layer (default: %(default)s)")
     lens.add_argument("--position", type=int, default=-1, help="token position (default: last)")
     lens.add_argument("--csv", help="also write the table as tidy CSV to this path")
     lens.set_defaults(run=_cmd_lens)
+
+    fit = commands.add_parser("fit-lens", help="fit a linear-shortcut or tuned lens and save it")
+    fit.add_argument("--kind", choices=["linear", "tuned"], required=True)
+    fit.add_argument("--out", required=True, help="folder to write the lens to")
+    _add_model_args(fit)
+    _add_text_args(fit, n_texts=300, split="train")
+    fit.add_argument("--ridge", type=float, default=1e-4, help="linear: relative ridge term")
+    fit.add_argument("--bias", action="store_true", help="linear: fit a bias too")
+    fit.add_argument("--init", default="linear", choices=["linear", "zero"], help="tuned: init")
+    fit.add_argument("--max-steps", type=int, default=60, help="tuned: training steps")
+    fit.add_argument("--lr", type=float, default=2e-3, help="tuned: Adam lr per unit residual RMS")
+    fit.add_argument("--time-limit", type=float, help="tuned: stop after this many seconds")
+    fit.set_defaults(run=_cmd_fit_lens)
+
+    ev = commands.add_parser("eval-lens", help="per-layer metrics of lenses on held-out texts")
+    ev.add_argument("--lens", action="append", help="a saved lens folder (repeatable)")
+    ev.add_argument("--no-logit", action="store_true", help="leave out the logit lens")
+    ev.add_argument("--out", required=True, help="folder for CSV/JSON and figures")
+    ev.add_argument("--quality-of-fit", action="store_true", help="also the layer×layer r² map")
+    ev.add_argument("--fit-texts", type=int, default=200, help="train texts for that map")
+    _add_model_args(ev)
+    _add_text_args(ev, n_texts=200, split="val")
+    ev.set_defaults(run=_cmd_eval_lens)
     return parser
 
 
@@ -57,7 +184,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, IndexError, RuntimeError, FileNotFoundError) as exc:
         print(f"beyond-top1 {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -80,7 +80,7 @@ def run_with_residuals(
     """Run the model once, caching only the residual streams of ``layers``."""
     names = [resid_hook_name(l) for l in layers]
     wanted = set(names)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: callers may train on these tensors
         _, cache = model.run_with_cache(
             tokens, names_filter=lambda name: name in wanted, return_type=None
         )

@@ -1,6 +1,27 @@
 """Lenses that read intermediate residual streams as next-token distributions."""
 
 from beyond_top1.lenses.base import Lens
+from beyond_top1.lenses.io import (
+    LENS_KINDS,
+    LensFileError,
+    load_lens,
+    register_lens_kind,
+    save_lens,
+)
+from beyond_top1.lenses.linear import LinearShortcutLens
 from beyond_top1.lenses.logit import LogitLens
+from beyond_top1.lenses.tuned import TunedLens, TunedLensTraining, train_tuned_lens
 
-__all__ = ["Lens", "LogitLens"]
+__all__ = [
+    "LENS_KINDS",
+    "Lens",
+    "LensFileError",
+    "LinearShortcutLens",
+    "LogitLens",
+    "TunedLens",
+    "TunedLensTraining",
+    "load_lens",
+    "register_lens_kind",
+    "save_lens",
+    "train_tuned_lens",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from jaxtyping import Float
@@ -19,6 +20,10 @@ class Lens(nn.Module):
     is the identity and reproduces the model's logits.
 
     The model is held by reference and is not part of the lens' parameters or ``state_dict``.
+
+    Saving protocol (:mod:`beyond_top1.lenses.io`): a lens is rebuilt as
+    ``cls.from_config(model, lens.config())`` followed by ``load_state_dict``, so subclasses with
+    settings or weights override :meth:`config` and :meth:`from_config`.
     """
 
     kind: ClassVar[str] = "lens"
@@ -48,6 +53,21 @@ class Lens(nn.Module):
         return hooked.unembed(
             self.model, hooked.final_norm(self.model, self.transform(resid, layer))
         )
+
+    def config(self) -> dict:
+        """Lens-specific settings (JSON-serialisable), enough to rebuild an empty lens."""
+        return {}
+
+    @classmethod
+    def from_config(cls, model, config: dict) -> Lens:
+        """An empty lens of the right shapes for ``model``, from :meth:`config`'s output."""
+        return cls(model)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write this lens to ``directory`` (see :func:`beyond_top1.lenses.io.save_lens`)."""
+        from beyond_top1.lenses.io import save_lens
+
+        return save_lens(self, directory)
 
     def extra_repr(self) -> str:
         return f"model={hooked.model_name(self.model)!r}, n_layers={self.n_layers}"

@@ -6,8 +6,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from beyond_top1.lenses.base import Lens
+from beyond_top1.lenses.io import register_lens_kind
 
 
+@register_lens_kind
 class LogitLens(Lens):
     """``logits_l = unembed(ln_final(h_l))``, with the norm scale recomputed from ``h_l``.
 

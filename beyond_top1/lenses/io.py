@@ -1,0 +1,233 @@
+"""Lens artefacts: a folder with ``config.json`` and ``weights.safetensors``.
+
+``config.json`` records the lens kind, the model it was fitted for (name, dimensions and
+:func:`~beyond_top1.hooked.unembedding_fingerprint`), the package version, the lens' own settings
+(``Lens.config()``, including how it was fitted) and the SHA-256 of the weights file. Loading
+checks all of it and raises :class:`LensFileError` with what is wrong and what to do.
+
+Lens classes register their ``kind`` with :func:`register_lens_kind` so :func:`load_lens` can
+rebuild them: ``cls.from_config(model, config["settings"])`` then ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from beyond_top1 import hooked
+from beyond_top1.lenses.base import Lens
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = (
+    "kind",
+    "model_name",
+    "d_model",
+    "n_layers",
+    "d_vocab",
+    "unembedding_fingerprint",
+    "weights_sha256",
+    "settings",
+)
+MODEL_KEYS = ("n_layers", "d_model", "d_vocab", "unembedding_fingerprint")
+
+LENS_KINDS: dict[str, type[Lens]] = {}
+
+
+class LensFileError(ValueError):
+    """A lens folder is missing, corrupt, of an unknown kind or saved for another model."""
+
+
+def register_lens_kind(cls: type[Lens]) -> type[Lens]:
+    """Class decorator: make ``cls.kind`` loadable by :func:`load_lens`."""
+    LENS_KINDS[cls.kind] = cls
+    return cls
+
+
+def _model_identity(model) -> dict:
+    return {
+        "model_name": hooked.model_name(model),
+        "n_layers": hooked.n_layers(model),
+        "d_model": hooked.d_model(model),
+        "d_vocab": hooked.d_vocab(model),
+        "unembedding_fingerprint": hooked.unembedding_fingerprint(model),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_lens(lens: Lens, directory: str | Path) -> Path:
+    """Write ``lens`` to ``directory`` atomically (a temporary folder, then ``os.replace``).
+
+    An existing lens folder at ``directory`` is replaced; any other non-empty folder is refused.
+    """
+    from beyond_top1 import __version__
+
+    directory = Path(directory)
+    occupied = directory.is_dir() and any(directory.iterdir())
+    if directory.is_file() or (occupied and not (directory / CONFIG_FILE).is_file()):
+        raise LensFileError(
+            f"{directory} exists and is not a lens folder; refusing to overwrite it. "
+            "Choose a new or empty folder."
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(directory, "tmp")
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in lens.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILE)
+        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_umask())  # save_file creates it as 0600
+        config = {
+            "format_version": FORMAT_VERSION,
+            "kind": lens.kind,
+            **_model_identity(lens.model),
+            "layers": list(lens.layers),
+            "beyond_top1_version": __version__,
+            "settings": lens.config(),
+            "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        _replace_dir(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _replace_dir(new: Path, directory: Path) -> None:
+    """Move ``new`` to ``directory``; an old folder there is moved aside first, then deleted."""
+    if not directory.exists():
+        os.replace(new, directory)
+        return
+    old = _sibling(directory, "old")
+    os.replace(directory, old / "lens")
+    try:
+        os.replace(new, directory)
+    except OSError:
+        os.replace(old / "lens", directory)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _sibling(directory: Path, tag: str) -> Path:
+    """A new hidden folder next to ``directory`` (same file system, so renames are atomic)."""
+    path = directory.parent / f".{directory.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
+def _corrupt(directory: Path, problem: str) -> LensFileError:
+    return LensFileError(
+        f"corrupt or truncated lens folder {directory}: {problem}. "
+        "Re-run `beyond-top1 fit-lens` (or fit the lens and call lens.save) to write it again."
+    )
+
+
+def read_lens_config(directory: str | Path) -> dict:
+    """The validated ``config.json`` of a lens folder."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LensFileError(
+            f"no lens folder at {directory}: check the path, or create one with "
+            f"`beyond-top1 fit-lens --kind linear --out {directory}` or lens.save(...)"
+        )
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise _corrupt(directory, f"{CONFIG_FILE} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _corrupt(directory, f"{CONFIG_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise _corrupt(directory, f"{CONFIG_FILE} does not hold a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise _corrupt(directory, f"{CONFIG_FILE} lacks the keys {missing}")
+    return config
+
+
+def _check_model(directory: Path, config: dict, model) -> None:
+    given = _model_identity(model)
+    if all(config[key] == given[key] for key in MODEL_KEYS):
+        return
+
+    def describe(identity: dict) -> str:
+        return (
+            f"{identity['model_name']!r} (n_layers={identity['n_layers']}, "
+            f"d_model={identity['d_model']}, d_vocab={identity['d_vocab']}, "
+            f"unembedding {str(identity['unembedding_fingerprint'])[:12]})"
+        )
+
+    raise LensFileError(
+        f"the lens at {directory} was saved for model {describe(config)}, but the given model is "
+        f"{describe(given)}. Load it with the model it was fitted on, or fit a new lens for this "
+        "model."
+    )
+
+
+def _read_weights(directory: Path, config: dict) -> dict:
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise _corrupt(directory, f"{path.name} is missing")
+    if _sha256(path) != config["weights_sha256"]:
+        raise _corrupt(
+            directory, f"{path.name} does not match the checksum in {CONFIG_FILE} (truncated?)"
+        )
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise _corrupt(directory, f"{path.name} cannot be read ({exc})") from None
+
+
+def load_lens(directory: str | Path, model) -> Lens:
+    """Load a lens saved by :func:`save_lens` for ``model`` (checked against the saved model).
+
+    Raises:
+        LensFileError: the folder is missing or corrupt, the kind is unknown, or the lens was
+            saved for another model.
+    """
+    directory = Path(directory)
+    config = read_lens_config(directory)
+    kind = config["kind"]
+    if kind not in LENS_KINDS:
+        raise LensFileError(
+            f"unknown lens kind {kind!r} in {directory}; known kinds: {sorted(LENS_KINDS)}. "
+            "Import the module that defines it (it registers itself with register_lens_kind)."
+        )
+    _check_model(directory, config, model)
+    state = _read_weights(directory, config)
+    lens = LENS_KINDS[kind].from_config(model, config["settings"])
+    try:
+        lens.load_state_dict(state)
+    except RuntimeError as exc:
+        raise _corrupt(directory, f"the weights do not fit a {kind!r} lens ({exc})") from None
+    return lens.eval()
+
+
+__all__ = [
+    "LENS_KINDS",
+    "LensFileError",
+    "load_lens",
+    "read_lens_config",
+    "register_lens_kind",
+    "save_lens",
+]

@@ -1,0 +1,110 @@
+"""Tuned lens: exact at the last layer, affine init from another lens, training lowers KL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import beyond_top1 as bt
+from beyond_top1.lenses.base import Lens
+from beyond_top1.lenses.tuned import TunedLens, train_tuned_lens
+from beyond_top1.readout import prompt_residuals
+
+TEXTS = [
+    "The river flows through the old town and into the sea.",
+    "Paris is the capital and largest city of France.",
+    "A computer program is a sequence of instructions for a computer.",
+    "The cat sat on the mat while the dog slept by the fire.",
+    "Mathematics is the study of numbers, shapes and patterns.",
+    "In 1969, astronauts landed on the Moon for the first time.",
+    "Music is the arrangement of sound to create some combination of form.",
+    "The library opens at nine and closes at five every weekday.",
+    "Rain fell all night, and by morning the streets were flooded.",
+    "Photosynthesis converts light energy into chemical energy in plants.",
+    "The old bridge was built from stone more than two centuries ago.",
+    "Chess is a board game for two players played on a checkered board.",
+]
+
+
+class FixedAffineLens(Lens):
+    """A hand-made affine lens: ``h @ M_l + c_l``."""
+
+    kind = "fixed"
+
+    def __init__(self, model, seed=0):
+        super().__init__(model)
+        g = torch.Generator().manual_seed(seed)
+        d = self.d_model
+        self.maps = torch.eye(d) + 0.1 * torch.randn(self.n_layers, d, d, generator=g)
+        self.offsets = torch.randn(self.n_layers, d, generator=g)
+
+    def transform(self, resid, layer):
+        if layer == self.n_layers - 1:
+            return resid
+        return resid @ self.maps[layer] + self.offsets[layer]
+
+
+def test_zero_init_tuned_lens_is_the_logit_lens(tiny_model):
+    _, resid = prompt_residuals(tiny_model, TEXTS[0])
+    tuned, logit = TunedLens(tiny_model), bt.LogitLens(tiny_model)
+    for layer in range(tiny_model.cfg.n_layers):
+        torch.testing.assert_close(tuned(resid[:, layer], layer), logit(resid[:, layer], layer))
+
+
+def test_tuned_lens_is_exact_at_the_last_layer(tiny_model):
+    ids, resid = prompt_residuals(tiny_model, TEXTS[1])
+    tuned = TunedLens.from_lens(tiny_model, FixedAffineLens(tiny_model))
+    with torch.no_grad():
+        expected = tiny_model(torch.tensor([ids]))[0].log_softmax(-1)
+        got = tuned(resid[:, -1], tiny_model.cfg.n_layers - 1).log_softmax(-1)
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_from_lens_reproduces_an_affine_lens(tiny_model):
+    source = FixedAffineLens(tiny_model)
+    tuned = TunedLens.from_lens(tiny_model, source)
+    h = torch.randn(5, tiny_model.cfg.d_model)
+    for layer in range(tiny_model.cfg.n_layers):
+        torch.testing.assert_close(
+            tuned.transform(h, layer), source.transform(h, layer), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_training_lowers_heldout_kl_and_is_seeded(tiny_model):
+    kwargs = dict(init="zero", max_steps=16, batch_size=4, eval_every=4, lr=1e-2)
+    kwargs.update(n_heldout_texts=3, max_len=32, tokens_per_layer=64, progress=False)
+    lens, history = train_tuned_lens(tiny_model, TEXTS, **kwargs)
+    start = history[history.step == 0].set_index("layer").heldout_kl
+    best = torch.tensor(lens.training_settings["heldout_kl"])
+    assert (best < 0.95 * torch.tensor(start.values)).all()  # every layer improves by > 5%
+    again, _ = train_tuned_lens(tiny_model, TEXTS, **kwargs)
+    torch.testing.assert_close(lens.weight, again.weight)
+    assert not lens.training and not lens.weight.requires_grad
+
+
+def test_training_errors(tiny_model):
+    with pytest.raises(ValueError, match="hold some out"):
+        train_tuned_lens(tiny_model, TEXTS[:2], progress=False)
+    with pytest.raises(ValueError, match="init must be"):
+        train_tuned_lens(tiny_model, TEXTS, init="random", progress=False)
+
+
+def test_linear_init_starts_from_the_least_squares_lens(tiny_model):
+    linear = bt.LinearShortcutLens.fit(tiny_model, TEXTS, bias=True, max_len=32, progress=False)
+    tuned = TunedLens.from_lens(tiny_model, linear)
+    h = torch.randn(4, tiny_model.cfg.d_model)
+    for layer in range(tiny_model.cfg.n_layers):
+        torch.testing.assert_close(
+            tuned.transform(h, layer), linear.transform(h, layer), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_tuned_lens_save_load_round_trip(tiny_model, tmp_path):
+    tuned = TunedLens.from_lens(tiny_model, FixedAffineLens(tiny_model))
+    tuned.training_settings = {"steps": 3, "lr": 1e-3}
+    tuned.save(tmp_path / "tuned")
+    loaded = bt.load_lens(tmp_path / "tuned", tiny_model)
+    assert isinstance(loaded, TunedLens) and loaded.training_settings["steps"] == 3
+    h = torch.randn(3, tiny_model.cfg.d_model)
+    for layer in range(tiny_model.cfg.n_layers):
+        assert torch.equal(loaded(h, layer), tuned(h, layer))
