@@ -100,15 +100,15 @@ class TunedLensTraining:
     """Settings of :func:`train_tuned_lens` (stored in the saved lens' config)."""
 
     init: str = "linear"
-    max_steps: int = 150
+    max_steps: int = 60
     batch_size: int = 8
     max_len: int = 128
     tokens_per_layer: int = 256
-    lr: float = 2e-3  # Adam step for a residual of RMS 1; layer l uses lr / rms_l
+    lr: float = 4e-3  # Adam step for a residual of RMS 1; layer l uses lr / rms_l
     weight_decay: float = 0.0
     n_init_texts: int = 200
     n_heldout_texts: int = 8
-    eval_every: int = 25
+    eval_every: int = 20
     time_limit_s: float | None = None
     seed: int = 0
 
