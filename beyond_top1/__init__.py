@@ -16,7 +16,16 @@ from beyond_top1.lenses import (
     save_lens,
 )
 from beyond_top1.models import DEFAULT_MODEL, OFFLINE_MODELS, UnknownModelError, load_model
+from beyond_top1.ranking import TopKReadout, lens_topk
 from beyond_top1.readout import format_top_tokens, top_tokens
+from beyond_top1.saturation import (
+    OrderingStats,
+    kendall_tau_strict,
+    ordering,
+    position_filter,
+    saturation_layers,
+)
+from beyond_top1.scan import ScanFileError, ScanResult, load_scan, save_scan, scan
 
 __version__ = "0.1.0"
 
@@ -28,11 +37,23 @@ __all__ = [
     "LensFileError",
     "LinearShortcutLens",
     "LogitLens",
+    "OrderingStats",
     "ResidualBatch",
+    "ScanFileError",
+    "ScanResult",
+    "TopKReadout",
     "UnknownModelError",
     "format_top_tokens",
+    "kendall_tau_strict",
+    "lens_topk",
     "load_lens",
     "load_model",
+    "load_scan",
+    "ordering",
+    "position_filter",
+    "saturation_layers",
+    "save_scan",
+    "scan",
     "load_texts",
     "save_lens",
     "stream_residuals",

@@ -68,8 +68,20 @@ def final_norm(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "...
 
 
 def unembed(model, normed: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-    """Logits from a final-normed residual: ``x @ W_U + b_U``."""
-    return normed @ model.W_U + model.b_U
+    """Logits from a final-normed residual: ``x @ W_U + b_U`` (soft-capped if the model is)."""
+    logits = normed @ model.W_U + model.b_U
+    cap = logit_softcap(model)
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def unembedding(model) -> tuple[Float[Tensor, "d_model d_vocab"], Float[Tensor, " d_vocab"]]:
+    """``(W_U, b_U)``, detached."""
+    return model.W_U.detach(), model.b_U.detach()
+
+
+def logit_softcap(model) -> float:
+    """The model's output logit soft-cap (``<= 0``: none)."""
+    return float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
 
 
 def run_with_residuals(
