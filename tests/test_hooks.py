@@ -81,15 +81,14 @@ def assert_only_cells_changed(model, tokens, name, fn, cells):
 # --- record ------------------------------------------------------------------------------------
 
 
-def test_record_matches_run_with_cache(tiny_model):
+def test_record_matches_run_with_cache(model):
     tokens = torch.tensor([[1, 2, 3, 4]])
     store = {}
-    name = "blocks.1.hook_resid_post"
-    logits = tiny_model.run_with_hooks(tokens, fwd_hooks=[(name, record(store))])
-    clean, cache = tiny_model.run_with_cache(tokens)
-    torch.testing.assert_close(store[name], cache[name])
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(RESID, record(store))])
+    clean, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(store[RESID], cache[RESID])
     torch.testing.assert_close(logits, clean)
-    assert all(not hp.fwd_hooks for hp in tiny_model.hook_dict.values())
+    assert no_hooks_left(model)
 
 
 def test_record_positions(model, tokens):
