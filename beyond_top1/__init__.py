@@ -25,7 +25,7 @@ from beyond_top1.saturation import (
     position_filter,
     saturation_layers,
 )
-from beyond_top1.scan import ScanFileError, ScanResult, load_scan, save_scan, scan
+from beyond_top1.scans import ScanFileError, ScanResult, load_scan, save_scan, scan
 
 __version__ = "0.1.0"
 

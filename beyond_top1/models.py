@@ -346,4 +346,4 @@ def _build_untrained(name: str, cfg_dict: dict, *, seed: int, device, dtype):
         torch.manual_seed(seed)
         with _quiet():
             model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    return model.to(device)
+    return model.to(device, print_details=False)

@@ -177,19 +177,40 @@ class _Unembedding:
 
     @classmethod
     def of(cls, model, precision: str) -> _Unembedding:
+        """Cached per (weights, version, precision): the bf16 copy and column norms of a
+        ``[d_model, vocab]`` matrix cost more than a small batch's readout."""
         weight, bias = hooked.unembedding(model)
-        out = cls(weight, bias, hooked.logit_softcap(model))
+        key = (
+            weight.data_ptr(),
+            weight._version,
+            bias.data_ptr(),
+            bias._version,
+            tuple(weight.shape),
+            weight.dtype,
+            precision,
+        )
+        cached = _UNEMBEDDING_CACHE.get(key)
+        if cached is None or cached.weight is not weight and not torch.equal(cached.weight, weight):
+            cached = cls.of_tensors(weight, bias, precision, hooked.logit_softcap(model))
+            _UNEMBEDDING_CACHE.clear()  # hold one model's copies at most
+            _UNEMBEDDING_CACHE[key] = cached
+        return cached
+
+    @classmethod
+    def of_tensors(cls, weight, bias, precision: str, softcap: float = -1.0) -> _Unembedding:
+        out = cls(weight, bias, softcap)
         if precision == "bf16":
-            d = weight.shape[0]
-            gamma = 1.01 * d * _FP32_UNIT
+            gamma = 1.01 * weight.shape[0] * _FP32_UNIT
             w16 = weight.to(torch.bfloat16)
             w16_f = w16.float()
+            w_norm = weight.float().norm(dim=0)
             out.weight16 = w16
             out.col_norm16 = w16_f.norm(dim=0) * 1.001
-            out.col_error = (
-                (weight.float() - w16_f).norm(dim=0) + gamma * weight.float().norm(dim=0)
-            ) * 1.001
+            out.col_error = ((weight.float() - w16_f).norm(dim=0) + gamma * w_norm) * 1.001
         return out
+
+
+_UNEMBEDDING_CACHE: dict[tuple, _Unembedding] = {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,6 +213,7 @@ def scan(
     shard_batches: int = 4,
     lens_source: str | None = None,
     texts_description: str | None = None,
+    n_permutations: int = DEFAULT_PERMUTATIONS,
     progress: bool = True,
 ) -> ScanResult:
     """Rank trajectories and saturation layers for every scored position of ``texts``.
@@ -229,6 +230,7 @@ def scan(
         resume: continue an interrupted run in ``out`` (settings must match).
         lens_source: how the lens was given (e.g. its folder), recorded in the settings.
         texts_description: how the texts were chosen, recorded in the settings.
+        n_permutations: permutations of the ordering null written to ``summary.json``.
 
     Returns:
         A :class:`ScanResult`.
@@ -296,7 +298,7 @@ def scan(
     timing = {"seconds": round(seconds, 2), "tokens_scanned_now": n_tokens}
     timing["tokens_per_second"] = round(n_tokens / seconds, 2) if seconds > 0 else None
     if store:
-        save_scan(result, store.directory)
+        save_scan(result, store.directory, n_permutations=n_permutations)
         store.finish(timing)
     return result
 

@@ -1,0 +1,122 @@
+"""``beyond-top1 scan`` and ``beyond-top1 order``: saturation scans from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(commands) -> None:
+    from beyond_top1.cli import _add_model_args, _add_text_args
+
+    scan = commands.add_parser(
+        "scan",
+        help="rank trajectories and saturation layers over texts (resumable)",
+        description="Stream texts through a model and a lens and write saturation.parquet "
+        "(one row per position), trajectories.safetensors and summary.json to --out.",
+    )
+    _add_model_args(scan)
+    _add_text_args(scan, n_texts=200, split="val")
+    scan.add_argument("--k", type=int, default=5, help="ranks to track (default: %(default)s)")
+    scan.add_argument("--lens", default="logit", help="'logit' or a saved lens folder")
+    scan.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: verified fast path, same saturation layers (default: %(default)s)",
+    )
+    scan.add_argument("--out", required=True, help="output folder")
+    scan.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    scan.add_argument("--permutations", type=int, default=1000, help="null permutations")
+    scan.set_defaults(run=_cmd_scan)
+
+    order = commands.add_parser(
+        "order", help="ordering statistics of one or more scans, side by side"
+    )
+    order.add_argument("scans", nargs="+", help="scan folders (written by `beyond-top1 scan`)")
+    order.add_argument("--csv", help="also write the table to this CSV file")
+    order.set_defaults(run=_cmd_order)
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from beyond_top1.cli import _load, _read_lens, _texts
+    from beyond_top1.scans import scan
+
+    model = _load(args)
+    lens = _read_lens(model, args.lens)
+    texts = _texts(args)
+    source = (
+        f"{args.texts_file} (first {len(texts)})"
+        if args.texts_file
+        else f"wiki_texts({args.n_texts}, split={args.split!r}, seed={args.seed})"
+    )
+    result = scan(
+        model,
+        texts,
+        lens=lens,
+        k=args.k,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        precision=args.precision,
+        out=args.out,
+        resume=args.resume,
+        lens_source=args.lens,
+        texts_description=source,
+        n_permutations=args.permutations,
+    )
+    summary = json.loads((Path(args.out) / "summary.json").read_text())
+    timing = json.loads((Path(args.out) / "timing.json").read_text())
+    print(f"scanned {len(result)} positions of {len(texts)} texts -> {args.out}")
+    print(f"  {timing['tokens_per_second']} tokens/s this run ({timing['seconds']} s)")
+    if "ordering" in summary:
+        print(_format_table({args.out: summary["ordering"]}))
+    return 0
+
+
+ROWS = (
+    ("n_positions", "positions"),
+    ("n_filtered", "after s_1 filter"),
+    ("n_kept", "kept (k' >= 3)"),
+    ("mean_tau", "mean strict tau"),
+    ("tau_se", "  SE"),
+    ("null_mean", "null mean"),
+    ("null_std", "  null SD"),
+    ("p_value", "p (perm.)"),
+    ("frac_strictly_increasing", "strictly ordered"),
+)
+
+
+def _format_table(columns: dict[str, dict]) -> str:
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {name: [stats.get(key) for key, _ in ROWS] for name, stats in columns.items()},
+        index=[label for _, label in ROWS],
+    )
+    return table.to_string(float_format=lambda x: f"{x:.4g}")
+
+
+def _cmd_order(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from beyond_top1.scans import SUMMARY_FILE, ScanFileError
+
+    columns = {}
+    for folder in args.scans:
+        path = Path(folder) / SUMMARY_FILE
+        if not path.is_file():
+            raise ScanFileError(f"{folder} has no {SUMMARY_FILE}: is it a finished scan folder?")
+        summary = json.loads(path.read_text())
+        if "ordering" not in summary:
+            raise ScanFileError(f"{folder}: no ordering statistics (k < 3 or no positions)")
+        settings = summary.get("settings", {})
+        name = f"{settings.get('model_name', folder)} [{settings.get('lens', '?')}]"
+        if name in columns:
+            name = f"{name} {folder}"
+        columns[name] = summary["ordering"]
+    print(_format_table(columns))
+    if args.csv:
+        frame = pd.DataFrame({name: stats for name, stats in columns.items()})
+        frame.to_csv(args.csv)
+    return 0
