@@ -118,11 +118,22 @@ def _upper_bounds_eager(
 _KERNELS: dict[str, object] = {}
 
 
-def _kernel(name: str):
-    """The compiled kernel ``name`` (or its eager version when compiling is off or fails)."""
+_COMPILE_MIN_ELEMENTS = 1 << 24  # ~340 tokens x 49k vocab: below this, compiling costs more
+
+
+def _kernel(name: str, n_elements: int | None = None):
+    """The compiled kernel ``name`` for large inputs; its eager version for small ones, or when
+    compiling is off (``BEYOND_TOP1_COMPILE=0``) or fails (no C++ compiler, ...).
+
+    Compiling takes ~10-30 s once per process (less with a warm inductor cache), so one prompt
+    in a notebook never pays it; a corpus scan does, once, and then reads each logit matrix once
+    instead of ``k + 1`` times.
+    """
+    eager = {"counts_lse": _counts_and_lse_eager, "upper": _upper_bounds_eager}[name]
+    if n_elements is not None and n_elements < _COMPILE_MIN_ELEMENTS:
+        return eager
     if name in _KERNELS:
         return _KERNELS[name]
-    eager = {"counts_lse": _counts_and_lse_eager, "upper": _upper_bounds_eager}[name]
     fused = {"counts_lse": _counts_and_lse_fused, "upper": _upper_bounds_eager}[name]
     if os.environ.get(COMPILE_ENV, "1") == "0":
         _KERNELS[name] = eager
@@ -226,7 +237,7 @@ def _layer_fp32(unembedding: _Unembedding, normed: Tensor, k: int, final_ids: Te
     final = ids if final_ids is None else final_ids
     thresholds = logits.gather(-1, final).float()
     no_bias = torch.zeros((), dtype=torch.float32, device=logits.device)
-    counts, lse = _kernel("counts_lse")(logits, no_bias, thresholds)
+    counts, lse = _kernel("counts_lse", logits.numel())(logits, no_bias, thresholds)
     return ids, values.float() - lse[:, None], counts + 1, 0
 
 
@@ -243,7 +254,7 @@ def _layer_bf16(
     row_input_error = ((normed.float() - x16_f).norm(dim=-1) + gamma * x16_f.norm(dim=-1)) * 1.001
     row_norm = normed.float().norm(dim=-1) * 1.001
     bias = emb.bias.float()
-    upper = _kernel("upper")(
+    upper = _kernel("upper", logits16.numel())(
         logits16, bias, row_input_error, row_norm, emb.col_norm16, emb.col_error
     )
     n_cand = min(max(n_candidates, k + 1), upper.shape[-1])
@@ -260,7 +271,7 @@ def _layer_bf16(
     else:  # every entry is a candidate
         settled = torch.ones_like(outside, dtype=torch.bool)
     thresholds = exact[:, n_cand:] if final_ids is not None else values
-    counts, lse16 = _kernel("counts_lse")(logits16, bias, thresholds.float())
+    counts, lse16 = _kernel("counts_lse", logits16.numel())(logits16, bias, thresholds.float())
     # Replace the candidates' bf16 terms in the normaliser by their exact values.
     approx_cand = logits16.gather(-1, candidates).float() + bias[candidates]
     peak = lse16[:, None]

@@ -1,0 +1,281 @@
+"""Benchmark the saturation scan against a naive reference and the FLOP bound, in one run.
+
+Measured on the same texts in this one process tree:
+
+* **ours (fp32)** and **ours (bf16, verified)**: :func:`beyond_top1.scan` tokens/second;
+* **naive**: what the public code of 001 does — hidden states of every layer, final norm +
+  unembedding to full ``[layers, pos, vocab]`` logits, a full sort of the vocabulary per layer,
+  python loops over positions and ranks — on a subset of the texts;
+* **FLOP bound**: (forward FLOPs + per-layer unembedding FLOPs) per token divided by the fp32
+  matmul rate measured here, now.
+
+Every configuration runs in a fresh subprocess, so its peak RSS is its own; each runs at two
+corpus sizes to show whether memory grows with the number of texts. The naive reference is also
+checked to give the same saturation layers as ours on its subset.
+
+    python experiments/bench_scan.py                     # default sizes
+    python experiments/bench_scan.py --sizes 4 16 --naive-texts 2 --out runs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def matmul_rate(dtype, seconds: float = 3.0) -> float:
+    """GFLOP/s of an unembedding-shaped GEMM ([1024, 576] @ [576, 49152]) in ``dtype``."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 576, generator=g).to(dtype)
+    w = torch.randn(576, 49152, generator=g).to(dtype)
+    x @ w  # warm up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        x @ w
+        n += 1
+    return 2 * 1024 * 576 * 49152 * n / (time.perf_counter() - start) / 1e9
+
+
+def forward_flops_per_token(model, n_ctx: int) -> float:
+    """Matmul FLOPs of one token's forward pass (no final unembedding) at context ``n_ctx``."""
+    cfg = model.cfg
+    d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    kv = getattr(cfg, "n_key_value_heads", None) or h
+    attn = 2 * d * (h * dh + 2 * kv * dh) + 2 * h * dh * d  # q, k, v, o projections
+    attn += 2 * 2 * h * dh * (n_ctx / 2)  # scores and weighted sum, average causal length
+    mlp = 2 * d * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
+    return cfg.n_layers * (attn + mlp)
+
+
+def run_naive(model, texts, k: int, max_len: int):
+    """001's public-code approach: full logits of every layer, full sorts, python loops."""
+    import torch
+
+    from beyond_top1 import hooked
+    from beyond_top1.data import tokenize
+
+    L = hooked.n_layers(model)
+    all_s = []
+    for text in texts:
+        ids = tokenize(model, text, max_len=max_len, truncate=True)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(torch.tensor([ids]))
+            hidden = torch.stack([cache[f"blocks.{l}.hook_resid_post"][0] for l in range(L)])
+            logits = hooked.unembed(model, hooked.final_norm(model, hidden))  # [L, pos, vocab]
+            ranked = logits.argsort(dim=-1, descending=True)  # full sort per layer
+        for p in range(len(ids)):
+            s_row, ranks = [], []
+            for i in range(k):
+                final_token = int(ranked[L - 1, p, i])
+                s = L - 1
+                for l in range(L - 1, -1, -1):
+                    if int(ranked[l, p, i]) != final_token:
+                        break
+                    s = l
+                s_row.append(s)
+                ranks.append([int((ranked[l, p] == final_token).nonzero()) + 1 for l in range(L)])
+            all_s.append(s_row)
+        del cache, hidden, logits, ranked
+    return all_s
+
+
+def _peak_rss_mb() -> float:
+    """The process' peak resident memory (VmHWM), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> float:
+    """Reset the peak-RSS mark to the current RSS (Linux ``clear_refs``); return it, MB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
+def worker(args) -> None:
+    """One configuration in this process; prints one JSON line."""
+    import torch
+
+    import beyond_top1 as bt
+
+    model = bt.load_model(args.model)
+    texts = bt.wiki_texts(args.n_texts, split="val", seed=0)
+    n_tokens = bt.activations.count_scored_tokens(model, texts, max_len=args.max_len)
+    base_mb = _reset_peak_rss()
+    start = time.perf_counter()
+    if args.method == "naive":
+        s = run_naive(model, texts, args.k, args.max_len)
+    else:
+        result = bt.scan(
+            model,
+            texts,
+            k=args.k,
+            max_len=args.max_len,
+            batch_size=args.batch_size,
+            precision=args.method,
+            progress=False,
+        )
+        s = result.saturation_array().tolist()
+    seconds = time.perf_counter() - start
+    peak_mb = _peak_rss_mb()
+    out = {
+        "method": args.method,
+        "n_texts": args.n_texts,
+        "n_tokens": n_tokens,
+        "seconds": seconds,
+        "tokens_per_second": n_tokens / seconds,
+        "peak_rss_mb": peak_mb,
+        "rss_before_mb": base_mb,
+        "peak_added_mb": peak_mb - base_mb,
+        "threads": torch.get_num_threads(),
+    }
+    if args.save_s:
+        Path(args.save_s).write_text(json.dumps(s))
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def spawn(method: str, n_texts: int, args, save_s: str | None = None) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--method",
+        method,
+        "--n-texts",
+        str(n_texts),
+        "--k",
+        str(args.k),
+        "--max-len",
+        str(args.max_len),
+        "--batch-size",
+        str(args.batch_size),
+        "--model",
+        args.model,
+    ]
+    if save_s:
+        command += ["--save-s", save_s]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{method} x {n_texts} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sizes", type=int, nargs=2, default=[8, 32], help="two corpus sizes")
+    parser.add_argument("--naive-texts", type=int, nargs=2, default=[1, 2])
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", default=None, help="folder for bench_scan.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--n-texts", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--save-s", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import tempfile
+
+    import torch
+
+    import beyond_top1 as bt
+
+    model = bt.load_model(args.model)  # also makes sure the conversion cache exists
+    fp32_rate = matmul_rate(torch.float32)
+    bf16_rate = matmul_rate(torch.bfloat16)
+    L, d, vocab = model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab
+    flops = forward_flops_per_token(model, args.max_len) + L * 2 * d * vocab
+    bound = fp32_rate * 1e9 / flops
+    print(f"fp32 GEMM {fp32_rate:.0f} GFLOP/s, bf16 GEMM {bf16_rate:.0f} GFLOP/s (measured now)")
+    print(f"{flops / 1e9:.2f} GFLOP per token -> fp32 FLOP bound {bound:.1f} tokens/s")
+    rows = []
+    tmp = Path(tempfile.mkdtemp())
+    for size in args.naive_texts:
+        rows.append(spawn("naive", size, args, save_s=str(tmp / f"naive-{size}.json")))
+        print(rows[-1])
+    for size in args.sizes:
+        for method in ("fp32", "bf16"):
+            save = str(tmp / f"{method}-{size}.json")
+            rows.append(spawn(method, size, args, save_s=save))
+            print(rows[-1])
+    check = spawn("fp32", args.naive_texts[-1], args, save_s=str(tmp / "check.json"))
+    naive_s = json.loads((tmp / f"naive-{args.naive_texts[-1]}.json").read_text())
+    ours_s = json.loads((tmp / "check.json").read_text())
+    same_as_naive = naive_s == ours_s
+    fp32_s = json.loads((tmp / f"fp32-{args.sizes[-1]}.json").read_text())
+    bf16_s = json.loads((tmp / f"bf16-{args.sizes[-1]}.json").read_text())
+
+    def tps(method, size):
+        return next(r for r in rows if r["method"] == method and r["n_texts"] == size)[
+            "tokens_per_second"
+        ]
+
+    big = args.sizes[-1]
+    naive_tps = tps("naive", args.naive_texts[-1])
+    summary = {
+        "model": args.model,
+        "fp32_gflops": fp32_rate,
+        "bf16_gflops": bf16_rate,
+        "gflop_per_token": flops / 1e9,
+        "flop_bound_tokens_per_second": bound,
+        "runs": rows,
+        "ratio_fp32_vs_naive": tps("fp32", big) / naive_tps,
+        "ratio_bf16_vs_naive": tps("bf16", big) / naive_tps,
+        "fraction_of_fp32_flop_bound": tps("fp32", big) / bound,
+        "bf16_fraction_of_fp32_flop_bound": tps("bf16", big) / bound,
+        "ratio_bf16_vs_fp32": tps("bf16", big) / tps("fp32", big),
+        "naive_and_ours_same_saturation": same_as_naive,
+        "bf16_and_fp32_same_saturation": fp32_s == bf16_s,
+        "check_run": check,
+    }
+    print()
+    print(f"{'method':>6} {'texts':>5} {'tokens':>6} {'tok/s':>8} {'peak MB':>8} {'added':>7}")
+    for r in rows:
+        print(
+            f"{r['method']:>6} {r['n_texts']:>5} {r['n_tokens']:>6} "
+            f"{r['tokens_per_second']:>8.1f} {r['peak_rss_mb']:>8.0f} {r['peak_added_mb']:>7.0f}"
+        )
+    for key in (
+        "ratio_fp32_vs_naive",
+        "ratio_bf16_vs_naive",
+        "fraction_of_fp32_flop_bound",
+        "bf16_fraction_of_fp32_flop_bound",
+        "ratio_bf16_vs_fp32",
+        "naive_and_ours_same_saturation",
+        "bf16_and_fp32_same_saturation",
+    ):
+        print(
+            f"{key}: {summary[key]:.3f}"
+            if isinstance(summary[key], float)
+            else f"{key}: {summary[key]}"
+        )
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_scan.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
