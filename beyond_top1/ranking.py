@@ -25,6 +25,8 @@ Two precisions:
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -64,81 +66,89 @@ class TopKReadout:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused passes over [tokens, vocab] logits (compiled once, eager fallback)
+# One fused pass over [tokens, vocab] logits (compiled once for large inputs, eager otherwise)
 # ---------------------------------------------------------------------------------------------
 
-
-def _counts_and_lse_eager(
-    logits: Float[Tensor, "tokens vocab"],
-    bias: Float[Tensor, " vocab"],
-    thresholds: Float[Tensor, "tokens k"],
-) -> tuple[Int[Tensor, "tokens k"], Float[Tensor, " tokens"]]:
-    """``#{v : logits[t, v] + bias[v] > thresholds[t, j]}`` and ``logsumexp_v(logits + bias)``."""
-    x = logits.float() + bias
-    counts = torch.stack(
-        [
-            (x > thresholds[:, j : j + 1]).sum(-1, dtype=torch.int32)
-            for j in range(thresholds.shape[1])
-        ],
-        dim=-1,
-    )
-    return counts, torch.logsumexp(x, dim=-1)
+BLOCK = 64  # vocabulary entries per block of the block-max selection
 
 
-def _counts_and_lse_fused(logits, bias, thresholds):
-    x = logits.float() + bias
-    counts = (x.unsqueeze(-1) > thresholds.unsqueeze(1)).sum(1, dtype=torch.int32)
+def _block_max(scores: Float[Tensor, "tokens vocab"]) -> Float[Tensor, "tokens blocks"]:
+    """Max of every ``BLOCK`` consecutive entries (the last block may be shorter)."""
+    tokens, vocab = scores.shape
+    full = vocab // BLOCK
+    blocks = scores[:, : full * BLOCK].reshape(tokens, full, BLOCK).amax(-1)
+    if vocab > full * BLOCK:
+        blocks = torch.cat([blocks, scores[:, full * BLOCK :].amax(-1, keepdim=True)], dim=-1)
+    return blocks
+
+
+def _lse(x: Float[Tensor, "tokens vocab"]) -> Float[Tensor, " tokens"]:
     peak = x.amax(-1, keepdim=True)
-    lse = peak.squeeze(-1) + (x - peak).exp().sum(-1).log()
-    return counts, lse
+    return peak.squeeze(-1) + (x - peak).exp().sum(-1).log()
 
 
-def _upper_bounds_eager(
-    logits16: Float[Tensor, "tokens vocab"],
-    bias: Float[Tensor, " vocab"],
-    row_input_error: Float[Tensor, " tokens"],
-    row_norm: Float[Tensor, " tokens"],
-    col_norm: Float[Tensor, " vocab"],
-    col_error: Float[Tensor, " vocab"],
-) -> Float[Tensor, "tokens vocab"]:
-    """bf16 values that are ``>=`` the fp32 path's logits (see the module docstring)."""
+def _counts(x: Tensor, thresholds: Tensor, fused: bool) -> Int[Tensor, "tokens k"]:
+    """``#{v : x[t, v] > thresholds[t, j]}``. The broadcast form is one pass once compiled;
+    eagerly it would materialise ``[tokens, vocab, k]``, so eager code loops over ``k``."""
+    if fused:
+        return (x.unsqueeze(-1) > thresholds.unsqueeze(1)).sum(1, dtype=torch.int32)
+    columns = [
+        (x > thresholds[:, j : j + 1]).sum(-1, dtype=torch.int32)
+        for j in range(thresholds.shape[1])
+    ]
+    return torch.stack(columns, dim=-1)
+
+
+def _pass_fp32(logits, thresholds, fused: bool = False):
+    """Counts of entries ``> thresholds[:, j]``, the log-normaliser and the block maxima."""
+    x = logits.float()
+    return _counts(x, thresholds, fused), _lse(x), _block_max(x)
+
+
+def _upper_bound(logits16, bias, row_input_error, row_norm, col_norm, col_error):
+    """fp32 values ``>=`` the fp32 path's logits (see the module docstring).
+
+    Row terms are ``[tokens, 1]``; column terms ``[vocab]`` or ``[tokens, n]`` like ``logits16``.
+    """
     y = logits16.float()
-    bound = (
-        y
-        + (_BF16_UNIT / (1 - _BF16_UNIT) * 1.01) * y.abs()
-        + row_input_error.unsqueeze(-1) * col_norm
-        + row_norm.unsqueeze(-1) * col_error
-        + bias
-        + 1e-6 * (y.abs() + bias.abs())
+    spread = row_input_error * col_norm + row_norm * col_error
+    bound = y + (_BF16_UNIT / (1 - _BF16_UNIT) * 1.01) * y.abs() + spread + bias
+    return bound + 2e-6 * (y.abs() + bias.abs() + spread)  # fp32 rounding of this formula
+
+
+def _pass_bf16(
+    logits16, bias, thresholds, row_input_error, row_norm, col_norm, col_error, fused=False
+):
+    """:func:`_pass_fp32` on ``bf16 logits + bias``, with block maxima of the upper bounds."""
+    x = logits16.float() + bias
+    counts = _counts(x, thresholds, fused)
+    upper = _upper_bound(
+        logits16, bias, row_input_error.unsqueeze(-1), row_norm.unsqueeze(-1), col_norm, col_error
     )
-    # Round to bf16 without going below the bound: pad by slightly more than one rounding.
-    return (bound + (_BF16_UNIT * 1.02) * bound.abs()).to(torch.bfloat16)
+    return counts, _lse(x), _block_max(upper)
 
 
 _KERNELS: dict[str, object] = {}
-
-
 _COMPILE_MIN_ELEMENTS = 1 << 24  # ~340 tokens x 49k vocab: below this, compiling costs more
 
 
 def _kernel(name: str, n_elements: int | None = None):
-    """The compiled kernel ``name`` for large inputs; its eager version for small ones, or when
+    """The compiled pass ``name`` for large inputs; the eager one for small inputs, or when
     compiling is off (``BEYOND_TOP1_COMPILE=0``) or fails (no C++ compiler, ...).
 
     Compiling takes ~10-30 s once per process (less with a warm inductor cache), so one prompt
     in a notebook never pays it; a corpus scan does, once, and then reads each logit matrix once
-    instead of ``k + 1`` times.
+    instead of ``k + 3`` times. Both give the same results.
     """
-    eager = {"counts_lse": _counts_and_lse_eager, "upper": _upper_bounds_eager}[name]
+    eager = {"fp32": _pass_fp32, "bf16": _pass_bf16}[name]
     if n_elements is not None and n_elements < _COMPILE_MIN_ELEMENTS:
         return eager
     if name in _KERNELS:
         return _KERNELS[name]
-    fused = {"counts_lse": _counts_and_lse_fused, "upper": _upper_bounds_eager}[name]
     if os.environ.get(COMPILE_ENV, "1") == "0":
         _KERNELS[name] = eager
         return eager
-    compiled = torch.compile(fused, dynamic=True)
+    compiled = torch.compile(functools.partial(eager, fused=True), dynamic=True)
 
     def run(*args):
         try:
@@ -229,24 +239,72 @@ _UNEMBEDDING_CACHE: dict[tuple, _Unembedding] = {}
 # ---------------------------------------------------------------------------------------------
 
 
-def _layer_fp32(unembedding: _Unembedding, normed: Tensor, k: int, final_ids: Tensor | None):
-    logits = _logits(normed, unembedding.weight, unembedding.bias)
-    if unembedding.softcap > 0:
-        logits = unembedding.softcap * torch.tanh(logits / unembedding.softcap)
-    values, ids = logits.topk(k, dim=-1)
-    final = ids if final_ids is None else final_ids
-    thresholds = logits.gather(-1, final).float()
-    no_bias = torch.zeros((), dtype=torch.float32, device=logits.device)
-    counts, lse = _kernel("counts_lse", logits.numel())(logits, no_bias, thresholds)
-    return ids, values.float() - lse[:, None], counts + 1, 0
+def _top_blocks(blocks: Tensor, n_blocks: int) -> tuple[Tensor, Tensor]:
+    """Indices of the ``n_blocks`` blocks with the largest maxima, and the largest maximum
+    outside them (``-inf`` when every block is selected)."""
+    total = blocks.shape[-1]
+    if n_blocks >= total:
+        index = torch.arange(total, device=blocks.device).expand(blocks.shape[0], total)
+        return index, torch.full_like(blocks[:, 0], -math.inf)
+    values, index = blocks.topk(n_blocks + 1, dim=-1)
+    return index[:, :n_blocks], values[:, n_blocks]
+
+
+def _block_entries(block_index: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Vocabulary ids of the entries of the given blocks ``[tokens, n*BLOCK]`` and a validity
+    mask (the last block may be shorter than ``BLOCK``)."""
+    offsets = torch.arange(BLOCK, device=block_index.device)
+    ids = (block_index.unsqueeze(-1) * BLOCK + offsets).flatten(1)
+    valid = ids < vocab
+    return ids.clamp_max(vocab - 1), valid
+
+
+def _ranks_within(values: Tensor, thresholds: Tensor) -> Tensor:
+    """``1 + #{top-k values > threshold}``: the exact rank of a token whose logit is at least
+    the k-th value (anything above it is in the top-k)."""
+    return 1 + (values.unsqueeze(1) > thresholds.unsqueeze(-1)).sum(-1)
+
+
+def _finish(ids, values, thresholds, counts, lse, final_ids, k):
+    """Log-probs and ranks from the selected top-k and the fused pass's counts."""
+    logprobs = values.float() - lse.unsqueeze(-1)
+    if final_ids is None:  # the last layer: the final tokens are this top-k
+        return ids, logprobs, _ranks_within(values, values)
+    in_top = thresholds >= values[:, -1:]
+    ranks = torch.where(in_top, _ranks_within(values, thresholds), counts.to(torch.int64) + 1)
+    return ids, logprobs, ranks
+
+
+def _layer_fp32(emb: _Unembedding, normed: Tensor, k: int, final_ids: Tensor | None):
+    logits = _logits(normed, emb.weight, emb.bias).float()
+    if emb.softcap > 0:
+        logits = emb.softcap * torch.tanh(logits / emb.softcap)
+    tokens, vocab = logits.shape
+    thresholds = (
+        logits.gather(-1, final_ids)
+        if final_ids is not None
+        else torch.full((tokens, k), math.inf, device=logits.device)
+    )
+    counts, lse, blocks = _kernel("fp32", logits.numel())(logits, thresholds)
+    # Exact top-k from the top k+3 blocks; any row whose next block could reach the k-th value
+    # (a tie) takes the full topk.
+    block_index, outside = _top_blocks(blocks, k + 3)
+    entries, valid = _block_entries(block_index, vocab)
+    scores = logits.gather(-1, entries).masked_fill(~valid, -math.inf)
+    values, where = scores.topk(k, dim=-1)
+    ids = entries.gather(-1, where)
+    unsettled = ~(outside < values[:, -1])
+    if unsettled.any():
+        rows = unsettled.nonzero().squeeze(-1)
+        values[rows], ids[rows] = logits[rows].topk(k, dim=-1)
+    return (*_finish(ids, values, thresholds, counts, lse, final_ids, k), tokens)
 
 
 def _layer_bf16(
-    unembedding: _Unembedding, normed: Tensor, k: int, final_ids: Tensor | None, n_candidates: int
+    emb: _Unembedding, normed: Tensor, k: int, final_ids: Tensor | None, n_candidates: int
 ):
-    emb = unembedding
-    tokens = normed.shape[0]
-    d = normed.shape[1]
+    tokens, d = normed.shape
+    vocab = emb.weight.shape[1]
     gamma = 1.01 * d * _FP32_UNIT
     x16 = normed.to(torch.bfloat16)
     logits16 = x16 @ emb.weight16  # [T, V] bf16, accumulated in fp32
@@ -254,54 +312,76 @@ def _layer_bf16(
     row_input_error = ((normed.float() - x16_f).norm(dim=-1) + gamma * x16_f.norm(dim=-1)) * 1.001
     row_norm = normed.float().norm(dim=-1) * 1.001
     bias = emb.bias.float()
-    upper = _kernel("upper", logits16.numel())(
-        logits16, bias, row_input_error, row_norm, emb.col_norm16, emb.col_error
+    thresholds = (
+        _gathered_logits(normed, emb, final_ids).float()
+        if final_ids is not None
+        else torch.full((tokens, k), math.inf, device=normed.device)
     )
-    n_cand = min(max(n_candidates, k + 1), upper.shape[-1])
-    bound_values, candidates = upper.topk(n_cand, dim=-1)
-    del upper
-    tracked = candidates if final_ids is None else torch.cat([candidates, final_ids], dim=-1)
-    exact = _gathered_logits(normed, emb, tracked)  # fp32 path's values, bit-identical
-    exact_cand = exact[:, :n_cand]
-    values, where = exact_cand.topk(k, dim=-1)
-    ids = candidates.gather(-1, where)
-    outside = bound_values[:, -1].float()  # >= every non-candidate's fp32 logit
-    if n_cand < emb.weight.shape[1]:
-        settled = outside < values[:, -1]
-    else:  # every entry is a candidate
-        settled = torch.ones_like(outside, dtype=torch.bool)
-    thresholds = exact[:, n_cand:] if final_ids is not None else values
-    counts, lse16 = _kernel("counts_lse", logits16.numel())(logits16, bias, thresholds.float())
-    # Replace the candidates' bf16 terms in the normaliser by their exact values.
-    approx_cand = logits16.gather(-1, candidates).float() + bias[candidates]
-    peak = lse16[:, None]
-    mass = (
-        1.0 - torch.exp(approx_cand - peak).sum(-1) + torch.exp(exact_cand.float() - peak).sum(-1)
+    bound_args = (row_input_error, row_norm, emb.col_norm16, emb.col_error)
+    counts, lse16, blocks = _kernel("bf16", logits16.numel())(
+        logits16, bias, thresholds, *bound_args
     )
-    lse = lse16 + torch.log(mass.clamp_min(torch.finfo(torch.float32).tiny))
-    logprobs = values.float() - lse[:, None]
-    final = ids if final_ids is None else final_ids
-    ranks = counts + 1
-    # Ranks within the exact top-k are exact: position in the top-k; others are at least k+1.
-    in_top = final.unsqueeze(-1) == ids.unsqueeze(1)  # [T, k_final, k_top]
-    top_rank = torch.where(in_top.any(-1), in_top.to(torch.int64).argmax(-1) + 1, 0)
-    ranks = torch.where(top_rank > 0, top_rank.to(ranks.dtype), ranks.clamp_min(k + 1))
-    n_fallback = int((~settled).sum())
-    if n_fallback:
-        rows = (~settled).nonzero().squeeze(-1)
-        f_ids, f_logprobs, f_ranks, _ = _layer_fp32(
-            emb, normed[rows], k, None if final_ids is None else final_ids[rows]
-        )
-        ids[rows], logprobs[rows], ranks[rows] = f_ids, f_logprobs, f_ranks
-    return ids, logprobs, ranks, tokens - n_fallback
+    # Candidates: the n_candidates largest upper bounds within the blocks of largest bounds.
+    n_cand = min(max(n_candidates, k + 1), vocab)
+    block_index, outside_blocks = _top_blocks(blocks, -(-n_cand // BLOCK) + k + 3)
+    entries, valid = _block_entries(block_index, vocab)
+    bounds = _upper_bound(
+        logits16.gather(-1, entries),
+        bias[entries],
+        row_input_error[:, None],
+        row_norm[:, None],
+        emb.col_norm16[entries],
+        emb.col_error[entries],
+    ).masked_fill(~valid, -math.inf)
+    n_cand = min(n_cand, entries.shape[1])
+    if n_cand < entries.shape[1]:
+        top_bounds, where = bounds.topk(n_cand + 1, dim=-1)
+        outside = torch.maximum(outside_blocks, top_bounds[:, n_cand])
+        where = where[:, :n_cand]
+    else:
+        where = torch.arange(n_cand, device=bounds.device).expand(tokens, n_cand)
+        outside = outside_blocks
+    candidates = entries.gather(-1, where)
+    candidate_valid = valid.gather(-1, where)
+    exact = _gathered_logits(normed, emb, candidates).masked_fill(~candidate_valid, -math.inf)
+    values, pick = exact.topk(k, dim=-1)
+    ids = candidates.gather(-1, pick)
+    # The normaliser with the candidates' bf16 terms replaced by their exact values.
+    approx = (logits16.gather(-1, candidates).float() + bias[candidates]).masked_fill(
+        ~candidate_valid, -math.inf
+    )
+    peak = lse16.unsqueeze(-1)
+    mass = 1.0 - (approx - peak).exp().sum(-1) + (exact - peak).exp().sum(-1)
+    lse = lse16 + mass.clamp_min(torch.finfo(torch.float32).tiny).log()
+    ids, logprobs, ranks = _finish(ids, values, thresholds, counts, lse, final_ids, k)
+    if final_ids is not None:  # counted on bf16 logits: at least k+1 when not in the top-k
+        ranks = torch.where(thresholds >= values[:, -1:], ranks, ranks.clamp_min(k + 1))
+    unsettled = ~(outside < values[:, -1])  # some non-candidate could reach the top-k
+    if unsettled.any():
+        rows = unsettled.nonzero().squeeze(-1)
+        redo = _layer_fp32(emb, normed[rows], k, None if final_ids is None else final_ids[rows])
+        ids[rows], logprobs[rows], ranks[rows] = redo[:3]
+    return ids, logprobs, ranks, tokens - int(unsettled.sum())
 
 
-def _gathered_logits(normed: Tensor, emb: _Unembedding, ids: Int[Tensor, "tokens n"]) -> Tensor:
-    """fp32 logits of the given ids per row, computed as a GEMM over the union of the ids'
-    columns, so each value equals the full fp32 path's bit for bit."""
-    union, inverse = torch.unique(ids, return_inverse=True)
-    block = _logits(normed, emb.weight[:, union], emb.bias[union])  # [T, n_union]
-    return block.gather(-1, inverse)
+def _gathered_logits(
+    normed: Float[Tensor, "tokens d_model"], emb: _Unembedding, ids: Int[Tensor, "tokens n"]
+) -> Float[Tensor, "tokens n"]:
+    """fp32 logits of the given ids per row, each equal to the full fp32 path's bit for bit.
+
+    Computed as GEMMs over the union of the ids' columns, ``_GATHER_ROWS`` rows at a time (a
+    small union per chunk keeps the cost at a few percent of the full unembedding).
+    """
+    out = torch.empty(ids.shape, dtype=torch.float32, device=normed.device)
+    for start in range(0, ids.shape[0], _GATHER_ROWS):
+        rows = slice(start, start + _GATHER_ROWS)
+        union, inverse = torch.unique(ids[rows], return_inverse=True)
+        block = _logits(normed[rows], emb.weight[:, union], emb.bias[union])
+        out[rows] = block.float().gather(-1, inverse)
+    return out
+
+
+_GATHER_ROWS = 64
 
 
 # ---------------------------------------------------------------------------------------------

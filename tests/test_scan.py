@@ -59,15 +59,28 @@ def test_lens_topk_matches_full_sort(small_vocab_model, k):
     torch.testing.assert_close(got.top_logprobs.double(), logprobs, atol=1e-5, rtol=0)
 
 
-def test_fused_kernel_equals_eager():
+def test_compiled_passes_equal_eager_and_loops():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(33, 501, generator=g)
+    tokens, vocab = 33, 3 * ranking.BLOCK + 11  # a short last block
+    logits = torch.randn(tokens, vocab, generator=g)
     thresholds = logits[:, :4].contiguous()
-    bias = torch.randn(501, generator=g)
-    counts, lse = ranking._kernel("counts_lse")(logits, bias, thresholds)
-    ref_counts, ref_lse = ranking._counts_and_lse_eager(logits, bias, thresholds)
-    assert torch.equal(counts, ref_counts)
+    counts, lse, blocks = ranking._kernel("fp32")(logits, thresholds)
+    ref_counts, ref_lse, ref_blocks = ranking._pass_fp32(logits, thresholds)
+    assert torch.equal(counts, ref_counts) and torch.equal(blocks, ref_blocks)
     torch.testing.assert_close(lse, ref_lse)
+    for t in range(tokens):  # against plain loops
+        assert counts[t].tolist() == [int((logits[t] > c).sum()) for c in thresholds[t]]
+        expected = [float(logits[t, b : b + ranking.BLOCK].max()) for b in range(0, vocab, 64)]
+        assert blocks[t].tolist() == expected
+    torch.testing.assert_close(lse, logits.logsumexp(-1))
+    bias = torch.randn(vocab, generator=g)
+    bound = (torch.rand(tokens, generator=g), torch.rand(tokens, generator=g))
+    bound += (torch.rand(vocab, generator=g), torch.rand(vocab, generator=g))
+    got = ranking._kernel("bf16")(logits.bfloat16(), bias, thresholds, *bound)
+    ref = ranking._pass_bf16(logits.bfloat16(), bias, thresholds, *bound)
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    torch.testing.assert_close(got[2], ref[2])
 
 
 def test_bf16_upper_bounds_hold():
@@ -84,13 +97,18 @@ def test_bf16_upper_bounds_hold():
     x16 = x.to(torch.bfloat16)
     gamma = 1.01 * d * ranking._FP32_UNIT
     row_err = ((x - x16.float()).norm(dim=-1) + gamma * x16.float().norm(dim=-1)) * 1.001
-    upper = ranking._upper_bounds_eager(
-        x16 @ emb.weight16, bias, row_err, x.norm(dim=-1) * 1.001, emb.col_norm16, emb.col_error
+    upper = ranking._upper_bound(
+        x16 @ emb.weight16,
+        bias,
+        row_err[:, None],
+        x.norm(dim=-1)[:, None] * 1.001,
+        emb.col_norm16,
+        emb.col_error,
     )
-    assert (upper.float() >= exact).all()
+    assert (upper >= exact).all()
     # ... and is of the order of bf16 rounding, not vacuous: well below 4u·‖x‖·‖W_j‖
     scale = x.norm(dim=-1)[:, None] * weight.norm(dim=0)[None, :]
-    assert ((upper.float() - exact) / scale).median() < 4 * 2.0**-8
+    assert ((upper - exact) / scale).median() < 4 * 2.0**-8
 
 
 @pytest.mark.parametrize("n_candidates", [8, 32])
