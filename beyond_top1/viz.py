@@ -1,0 +1,615 @@
+"""CircuitsVis views of trajectories, inline in Jupyter and as offline HTML files.
+
+Every renderer returns a :class:`View`: it displays inline in Jupyter (``_repr_html_``) and
+``view.save("page.html")`` writes one self-contained HTML file that works offline.
+
+Offline rendering. CircuitsVis' ``RenderedHTML`` carries two versions of a view: ``cdn_src``
+imports the JavaScript from unpkg.com (needs the network), ``local_src`` inlines the bundle that
+the ``circuitsvis`` wheel ships (``circuitsvis/dist/cdn/iife.js``, ~1.3 MB) and works offline.
+CircuitsVis' own ``_repr_html_`` picks between them by trying to reach google.com, so we never
+use it. A :class:`View` inlines that same local bundle **once** (as a classic script defining the
+global ``CircuitsVis``) and mounts each component with ``CircuitsVis.render(id, Component,
+props)``, the call ``local_src`` makes; a page with several components stays ~1.3 MB instead of
+1.3 MB per component. Any ``RenderedHTML`` can be added to a view (its ``local_src`` is used).
+
+Token strings are made readable (:func:`readable_token`: ``↵`` newline, ``⇥`` tab, ``␣`` space in
+predicted tokens, ``∅`` empty) and HTML-escaped (CircuitsVis inserts token text as HTML). Long
+prompts are windowed: by default the last ``max_tokens`` positions, with a note saying so.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from beyond_top1.trajectory import Trajectory
+
+DEFAULT_MAX_TOKENS = 200
+_LEGEND_INLINE = 24  # longer position keys are folded into a <details> element
+_MARKERS = {"\n": "↵", "\t": "⇥", "\r": "␍"}
+_STYLE = """<style>
+.bt-view{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;font-size:14px;color:#222}
+.bt-view h3,.bt-view h4{margin:10px 0 4px 0}
+.bt-caption{color:#555;font-size:12.5px;margin:2px 0 6px 0;max-width:70em}
+.bt-note{background:#fff6d5;border-left:3px solid #e0b000;padding:3px 8px;font-size:12.5px}
+.bt-legend{font-size:12px;color:#444;margin:4px 0;line-height:1.9}
+.bt-legend code,.bt-grid code{background:#f2f2f2;padding:0 2px;border-radius:2px}
+.bt-row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+.bt-col{flex:1 1 480px;min-width:0;border-left:2px solid #ddd;padding-left:12px}
+.bt-grid{border-collapse:collapse;font-size:12px;margin:6px 0}
+.bt-grid td,.bt-grid th{border:1px solid #ddd;padding:1px 5px;white-space:nowrap}
+.bt-grid td.bt-sat{font-weight:bold;box-shadow:inset 3px 0 0 #1a8f3a}
+.bt-cv-error{color:#b00020;font-weight:bold}
+</style>"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Token text
+# ---------------------------------------------------------------------------------------------
+
+
+def readable_token(token: str, *, spaces: bool = False, newlines: bool = False) -> str:
+    """``token`` with visible whitespace: ``↵`` newline, ``⇥`` tab, ``␍`` CR, ``∅`` empty,
+    ``\\xNN`` other control characters; ``␣`` for spaces when ``spaces`` (predicted tokens).
+
+    With ``newlines`` a real newline follows each ``↵`` (running text keeps its line breaks).
+    """
+    if token == "":
+        return "∅"
+    out = []
+    for ch in token:
+        if ch in _MARKERS:
+            out.append(_MARKERS[ch] + ("\n" if newlines and ch == "\n" else ""))
+        elif ch == " " and spaces:
+            out.append("␣")
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _cv_text(token: str, **kwargs) -> str:
+    """A token for CircuitsVis, which sets token text as innerHTML: readable, then escaped."""
+    return html.escape(readable_token(token, **kwargs), quote=False)
+
+
+def _code(token: str) -> str:
+    return f"<code>{html.escape(readable_token(token, spaces=True))}</code>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Component:
+    """One CircuitsVis component: its name in the bundle (``"ColoredTokens"``...) and props."""
+
+    name: str
+    props: dict
+
+
+@lru_cache(maxsize=1)
+def _bundle() -> str:
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The CircuitsVis JavaScript bundle is missing ({path}); reinstall circuitsvis>=1.43 "
+            "(its wheel ships dist/cdn/iife.js, which offline views need)."
+        )
+    js = path.read_text(encoding="utf-8")
+    js = js.replace("</script", "<\\/script")  # occurs only inside JS strings
+    lines = js.rstrip().splitlines()
+    if lines and lines[-1].startswith("//# sourceMappingURL"):
+        lines = lines[:-1]  # the map is not shipped inline; browsers would try to fetch it
+    return "\n".join(lines)
+
+
+def bundle_script() -> str:
+    """``<script>`` defining the global ``CircuitsVis`` from the installed wheel's local bundle.
+
+    Put it once on a page before any :meth:`View.body` (``View.html()`` / ``.save()`` do this).
+    """
+    return f"<script>\n{_bundle()}\n</script>"
+
+
+def _js_json(value) -> str:
+    """JSON that is safe inside a ``<script>`` element (no ``<``, ``>``, ``&``; no NaN)."""
+    text = json.dumps(_plain(value), ensure_ascii=True, allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+def _mount(component: Component) -> str:
+    uid = "bt-cv-" + secrets.token_hex(6)
+    name = component.name
+    return (
+        f'<div class="bt-cv" id="{uid}" data-component="{name}"></div>\n'
+        f"<script>(function(){{var el=document.getElementById({json.dumps(uid)});"
+        f'try{{if(typeof CircuitsVis==="undefined")'
+        f'{{throw new Error("the CircuitsVis bundle did not load");}}'
+        f"CircuitsVis.render({json.dumps(uid)},CircuitsVis.{name},{_js_json(component.props)});}}"
+        f'catch(e){{el.textContent="CircuitsVis could not render {name}: "+e;'
+        f'el.className+=" bt-cv-error";}}}})();</script>'
+    )
+
+
+class View:
+    """HTML made of raw snippets and CircuitsVis components; renders inline and saves offline.
+
+    ``html()`` is a self-contained fragment (style + the local CircuitsVis bundle + body);
+    ``save(path)`` writes it as a full HTML document. To put many views on one page with the
+    bundle included once, use :func:`page`, or ``bundle_script()`` followed by each
+    ``view.body()``.
+    """
+
+    def __init__(self, parts: Sequence[str | Component] = (), title: str = ""):
+        self.parts: list[str | Component] = list(parts)
+        self.title = title
+
+    @property
+    def components(self) -> list[str]:
+        """Names of the CircuitsVis components in this view, in order."""
+        return [p.name for p in self.parts if isinstance(p, Component)]
+
+    def body(self) -> str:
+        """The view's HTML without the bundle (fresh element ids on every call)."""
+        out = [p if isinstance(p, str) else _mount(p) for p in self.parts]
+        return '<div class="bt-view">\n' + "\n".join(out) + "\n</div>"
+
+    def html(self) -> str:
+        """Self-contained HTML fragment: style, bundle (if there are components), body."""
+        bundle = bundle_script() + "\n" if self.components else ""
+        return _STYLE + "\n" + bundle + self.body()
+
+    def _repr_html_(self) -> str:
+        return self.html()
+
+    def __html__(self) -> str:
+        return self.html()
+
+    def page(self) -> str:
+        """A full HTML document."""
+        title = html.escape(self.title or "beyond-top1")
+        return (
+            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{title}</title>\n</head>\n<body>\n{self.html()}\n</body>\n</html>\n"
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`page` to ``path`` (parents created); return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.page(), encoding="utf-8")
+        return path
+
+    def __add__(self, other) -> View:
+        other = as_view(other)
+        return View(self.parts + other.parts, self.title or other.title)
+
+    def __repr__(self) -> str:
+        return f"View({self.title!r}, components={self.components})"
+
+
+def as_view(item) -> View:
+    """A :class:`View` from a view, a :class:`Trajectory` (its default view), a CircuitsVis
+    ``RenderedHTML`` (its offline ``local_src``) or an HTML string."""
+    if isinstance(item, View):
+        return item
+    if isinstance(item, Trajectory):
+        return trajectory_view(item)
+    if hasattr(item, "local_src"):
+        return View([item.local_src])
+    if isinstance(item, str):
+        return View([item])
+    raise TypeError(f"cannot make a view from {type(item).__name__}")
+
+
+def page(*items, title: str = "beyond-top1") -> View:
+    """Several views (or trajectories, ``RenderedHTML``, HTML strings) on one page."""
+    parts: list[str | Component] = [f"<h3>{html.escape(title)}</h3>"] if title else []
+    for item in items:
+        parts.extend(as_view(item).parts)
+    return View(parts, title)
+
+
+def side_by_side(*items, titles: Sequence[str] | None = None, title: str = "") -> View:
+    """Views (or trajectories) in columns next to each other."""
+    if len(items) < 2:
+        raise ValueError("side_by_side needs at least two views")
+    views = [as_view(item) for item in items]
+    titles = list(titles) if titles is not None else [v.title for v in views]
+    if len(titles) != len(views):
+        raise ValueError(f"got {len(titles)} titles for {len(views)} views")
+    parts: list[str | Component] = [f"<h3>{html.escape(title)}</h3>"] if title else []
+    parts.append('<div class="bt-row">')
+    for view, heading in zip(views, titles, strict=True):
+        parts.append(f'<div class="bt-col"><h4>{html.escape(heading)}</h4>')
+        parts.extend(view.parts)
+        parts.append("</div>")
+    parts.append("</div>")
+    return View(parts, title or " | ".join(titles))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for trajectories
+# ---------------------------------------------------------------------------------------------
+
+
+def _window(
+    traj: Trajectory, window: tuple[int, int] | None, max_tokens: int
+) -> tuple[int, int, str]:
+    """``(start, stop, note)``: the positions to show; the note says what was left out."""
+    n = traj.n_positions
+    if window is None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        start, stop = max(0, n - max_tokens), n
+        if start == 0:
+            return 0, n, ""
+        return (
+            start,
+            stop,
+            f"Long text: showing the last {stop - start} of {n} tokens "
+            f"(positions {start}..{n - 1}). Pass window=(start, stop) to choose others, "
+            "or max_tokens= to show more.",
+        )
+    start, stop = (int(v) for v in window)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"window must satisfy 0 <= start < stop <= {n}, got {window}")
+    if (start, stop) == (0, n):
+        return 0, n, ""
+    return start, stop, f"Showing positions {start}..{stop - 1} of {n} tokens."
+
+
+def _note(text: str) -> list[str]:
+    return [f'<div class="bt-note">{html.escape(text)}</div>'] if text else []
+
+
+def _caption(text: str) -> str:
+    return f'<div class="bt-caption">{text}</div>'
+
+
+def _header(traj: Trajectory) -> str:
+    s = traj.settings
+    return (
+        f"<h3>{html.escape(str(s.get('model_name', 'model')))} · {html.escape(traj.lens_name)} "
+        f"lens · k={traj.k} · {traj.n_layers} layers · {traj.n_positions} tokens</h3>"
+    )
+
+
+def _position_legend(traj: Trajectory, start: int, stop: int) -> str:
+    items = []
+    for col, pos in enumerate(range(start, stop)):
+        where = f"<b>{col}</b>" + (f" (pos {pos})" if start else "")
+        items.append(f"{where} {_code(traj.tokens[pos])}")
+    key = " · ".join(items)
+    if len(items) <= _LEGEND_INLINE:
+        return f'<div class="bt-legend">Position columns: {key}</div>'
+    return (
+        f'<details class="bt-legend"><summary>Position columns: key to the {len(items)} '
+        f"columns</summary>{key}</details>"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Renderers
+# ---------------------------------------------------------------------------------------------
+
+
+def _topk_sample(ids, values, layers, cv_strings) -> tuple[list, list, list]:
+    """One ``TopkTokens`` sample: local token list, ``[layer][row][col]`` values and indices."""
+    local, index = np.unique(ids, return_inverse=True)
+    index = index.reshape(ids.shape)  # [cols, L, rows]
+    rows = ids.shape[2]
+    vals = [[values[:, l, r].tolist() for r in range(rows)] for l in layers]
+    idxs = [[index[:, l, r].tolist() for r in range(rows)] for l in layers]
+    return cv_strings(local), vals, idxs
+
+
+def topk_tokens(
+    traj: Trajectory | Sequence[Trajectory],
+    *,
+    window: tuple[int, int] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    final_first: bool = True,
+) -> View:
+    """CircuitsVis ``TopkTokens`` with layers as the first dimension.
+
+    For the chosen layer, a table whose columns are prompt positions and whose rows are ranks.
+    Two samples per trajectory (the ``Sample`` menu):
+
+    * ``top-k``: the lens' top-k next tokens at that layer, coloured by probability;
+    * ``final top-k``: the final top-k tokens ``t_1..t_k``, coloured by ``1 / rank`` under the
+      lens at that layer (1 = already top-1), so one sees where the eventual answers stand.
+
+    Pass several trajectories of the same prompt (e.g. different lenses) to switch between them
+    in the same menu. ``final_first`` lists the last layer first in the layer menu, so the view
+    opens on the model's own prediction. Hover a cell for its value.
+    """
+    trajs = [traj] if isinstance(traj, Trajectory) else list(traj)
+    if not trajs:
+        raise ValueError("topk_tokens needs at least one trajectory")
+    first = trajs[0]
+    for other in trajs[1:]:
+        if not np.array_equal(other.token_ids, first.token_ids):
+            raise ValueError("all trajectories must be of the same prompt")
+        if other.top_ids.shape != first.top_ids.shape:
+            raise ValueError("all trajectories must have the same number of layers and k")
+    start, stop, note = _window(first, window, max_tokens)
+    L, k = first.n_layers, first.k
+    layers = list(range(L - 1, -1, -1)) if final_first else list(range(L))
+    props = {"tokens": [], "topkVals": [], "topkIdxs": [], "sampleLabels": []}
+    for t in trajs:
+
+        def strings(ids, t=t):
+            return [_cv_text(s, spaces=True) for s in t.token_strings(ids)]
+
+        probs = np.round(np.exp(t.top_logprobs[start:stop].astype(np.float64)), 4)
+        final = np.broadcast_to(t.top_ids[start:stop, -1:, :], t.top_ids[start:stop].shape)
+        reciprocal = np.round(1.0 / t.final_ranks[start:stop].astype(np.float64), 4)
+        for label, ids, values in (
+            (f"{t.lens_name} lens: top-{k} (value = probability)", t.top_ids[start:stop], probs),
+            (f"{t.lens_name} lens: final top-{k} (value = 1/rank)", final, reciprocal),
+        ):
+            tokens, vals, idxs = _topk_sample(np.ascontiguousarray(ids), values, layers, strings)
+            props["tokens"].append(tokens)
+            props["topkVals"].append(vals)
+            props["topkIdxs"].append(idxs)
+            props["sampleLabels"].append(label)
+    n_samples = len(props["tokens"])
+    props["bottomkVals"] = [[[] for _ in layers] for _ in range(n_samples)]
+    props["bottomkIdxs"] = [[[] for _ in layers] for _ in range(n_samples)]
+    props["firstDimensionName"] = "Layer"
+    props["thirdDimensionName"] = "Position"
+    props["firstDimensionLabels"] = [f"{l} (final)" if l == L - 1 else str(l) for l in layers]
+    lens_names = ", ".join(html.escape(t.lens_name) for t in trajs)
+    caption = _caption(
+        f"Top-{k} next tokens by layer ({lens_names} lens). Pick a sample and a layer; columns "
+        f"are prompt positions (the prediction made after that token, see the key below), rows "
+        f"are ranks 1..{k}. ‘top-{k}’ colours each token by its probability at that layer; "
+        f"‘final top-{k}’ shows the final answers t<sub>1</sub>..t<sub>{k}</sub> coloured by "
+        "1/rank at that layer. The ‘Position’ menu pages through columns; Filter ‘topk’ hides "
+        "the (unused) bottom rows."
+    )
+    return View(
+        [
+            caption,
+            *_note(note),
+            _position_legend(first, start, stop),
+            Component("TopkTokens", props),
+        ],
+        title=f"Top-{k} by layer ({lens_names} lens)",
+    )
+
+
+def colored_tokens(
+    traj: Trajectory,
+    rank: int = 1,
+    *,
+    window: tuple[int, int] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> View:
+    """CircuitsVis ``ColoredTokens``: each prompt token coloured by ``s_rank`` at its position
+    (white = layer 0, blue = the last layer); hover shows the value."""
+    if not 1 <= rank <= traj.k:
+        raise ValueError(f"rank must be in 1..{traj.k}, got {rank}")
+    start, stop, note = _window(traj, window, max_tokens)
+    component = Component(
+        "ColoredTokens",
+        {
+            "tokens": [_cv_text(t, newlines=True) for t in traj.tokens[start:stop]],
+            "values": traj.s[start:stop, rank - 1].astype(float).tolist(),
+            "minValue": 0.0,
+            "maxValue": float(traj.n_layers - 1),
+        },
+    )
+    caption = _caption(
+        f"Tokens coloured by s<sub>{rank}</sub>: the layer from which the "
+        f"{html.escape(traj.lens_name)} lens' rank-{rank} prediction after the token stays final "
+        f"(white = layer 0, blue = layer {traj.n_layers - 1}). Hover for the value."
+    )
+    return View(
+        [caption, *_note(note), component], title=f"s_{rank} per token ({traj.lens_name} lens)"
+    )
+
+
+def colored_tokens_multi(
+    traj: Trajectory,
+    *,
+    window: tuple[int, int] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> View:
+    """CircuitsVis ``ColoredTokensMulti``: the prompt coloured by any of ``s_1..s_k`` (click or
+    hover a label to switch); hovering a token lists all of its ``s_i``."""
+    start, stop, note = _window(traj, window, max_tokens)
+    k, L = traj.k, traj.n_layers
+    component = Component(
+        "ColoredTokensMulti",
+        {
+            "tokens": [_cv_text(t, newlines=True) for t in traj.tokens[start:stop]],
+            "values": traj.s[start:stop].astype(float).tolist(),
+            "labels": [f"s_{i}" for i in range(1, k + 1)],
+            "positiveBounds": [float(L - 1)] * k,
+        },
+    )
+    caption = _caption(
+        f"Saturation layers s<sub>1</sub>..s<sub>{k}</sub> per token under the "
+        f"{html.escape(traj.lens_name)} lens (layers 0..{L - 1}; the colour scale runs to "
+        f"{L - 1} for every rank). Choose the rank above; hover a token for all of its values."
+    )
+    return View(
+        [caption, *_note(note), component], title=f"s_1..s_{k} per token ({traj.lens_name} lens)"
+    )
+
+
+def token_log_probs(
+    traj: Trajectory,
+    *,
+    window: tuple[int, int] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> View:
+    """CircuitsVis ``TokenLogProbs``: the model's final distribution at every position. Each
+    token is coloured by the log-prob the model gave it; hover shows the final top-k and the
+    token's rank."""
+    start, stop, note = _window(traj, window, max_tokens)
+    if stop - start < 2:
+        raise ValueError("token_log_probs needs a window of at least two tokens")
+    rows = range(start, stop - 1)  # predictions for tokens start+1 .. stop-1
+    component = Component(
+        "TokenLogProbs",
+        {
+            "prompt": [_cv_text(t, newlines=True) for t in traj.tokens[start:stop]],
+            "topKLogProbs": np.round(traj.top_logprobs[rows, -1].astype(float), 4).tolist(),
+            "topKTokens": [
+                [_cv_text(t, spaces=True) for t in traj.token_strings(traj.top_ids[p, -1])]
+                for p in rows
+            ],
+            "correctTokenRank": (traj.next_rank[rows] - 1).tolist(),
+            "correctTokenLogProb": np.round(traj.next_logprob[rows].astype(float), 4).tolist(),
+        },
+    )
+    caption = _caption(
+        "The model's final distribution (its own logits): each token is coloured by the "
+        "log-prob it was given (red = likely). Hover for the previous token → this token, the "
+        f"top-{traj.k} predictions and this token's rank. CircuitsVis numbers ranks from #0 "
+        "(#0 = rank 1)."
+    )
+    return View([caption, *_note(note), component], title="Final distribution and token ranks")
+
+
+def topk_grid(traj: Trajectory, position: int = -1) -> View:
+    """A static layers × ranks table of the top-k at one position (no JavaScript).
+
+    Cells are coloured by probability; a bold, green-edged cell holds its final token at its
+    rank from that layer on (``layer >= s_i``). Hover a cell for the probability.
+    """
+    p = traj.position(position)
+    L, k = traj.n_layers, traj.k
+    final = traj.top_ids[p, -1]
+    s = traj.s[p]
+    head = "".join(
+        f"<th>rank {i + 1}<br>{_code(traj.vocab[int(final[i])])}<br>s<sub>{i + 1}</sub>"
+        f" = {int(s[i])}</th>"
+        for i in range(k)
+    )
+    rows = []
+    for layer in range(L):
+        cells = []
+        for i in range(k):
+            token_id = int(traj.top_ids[p, layer, i])
+            prob = float(np.exp(traj.top_logprobs[p, layer, i]))
+            shade = int(round(255 - 150 * min(max(prob, 0.0), 1.0)))
+            saturated = layer >= s[i] and token_id == int(final[i])
+            tip = html.escape(
+                f"layer {layer}, rank {i + 1}: {traj.vocab[token_id]!r} p={prob:.4f}", quote=True
+            )
+            cls = ' class="bt-sat"' if saturated else ""
+            cells.append(
+                f'<td{cls} title="{tip}" style="background:rgb({shade},{shade},255)">'
+                f"{html.escape(readable_token(traj.vocab[token_id], spaces=True))} "
+                f"<small>{prob:.2f}</small></td>"
+            )
+        rows.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
+    nxt = (
+        f" (next token {_code(traj.tokens[p + 1])}, final rank {int(traj.next_rank[p])})"
+        if p + 1 < traj.n_positions
+        else ""
+    )
+    caption = _caption(
+        f"Position {p}, after {_code(traj.tokens[p])}{nxt}: top-{k} per layer under the "
+        f"{html.escape(traj.lens_name)} lens. Bold, green-edged cells hold their final token "
+        "at that rank from that layer on."
+    )
+    table = f'<table class="bt-grid"><tr><th>layer</th>{head}</tr>{"".join(rows)}</table>'
+    return View([caption, table], title=f"Top-{k} at position {p} ({traj.lens_name} lens)")
+
+
+def trajectory_view(traj: Trajectory, position: int = -1, **window_kwargs) -> View:
+    """The default view of a trajectory: ``s_1..s_k`` per token, the top-k table at
+    ``position`` and the top-k by layer for every position."""
+    parts = [_header(traj)]
+    for view in (
+        colored_tokens_multi(traj, **window_kwargs),
+        topk_grid(traj, position),
+        topk_tokens(traj, **window_kwargs),
+    ):
+        parts.append(f"<h4>{html.escape(view.title)}</h4>")
+        parts.extend(view.parts)
+    return View(parts, title=f"Trajectory ({traj.lens_name} lens)")
+
+
+def compare_lenses(first: Trajectory, second: Trajectory, position: int = -1) -> View:
+    """Two lenses on the same prompt, side by side: ``s_1`` per token, the top-k table at
+    ``position`` and the top-k by layer, with a line of agreement statistics."""
+    if not np.array_equal(first.token_ids, second.token_ids):
+        raise ValueError("compare_lenses needs two trajectories of the same prompt and tokenizer")
+    if first.top_ids.shape != second.top_ids.shape:
+        raise ValueError(
+            f"the trajectories differ in shape (layers, k): {first.top_ids.shape[1:]} vs "
+            f"{second.top_ids.shape[1:]}"
+        )
+    top1_agree = float((first.top_ids[:, :, 0] == second.top_ids[:, :, 0]).mean())
+    ds1 = second.s[:, 0].astype(float) - first.s[:, 0].astype(float)
+    summary = _caption(
+        f"Top-1 agreement over all (position, layer): {top1_agree:.1%}. Mean s<sub>1</sub>: "
+        f"{first.s[:, 0].mean():.2f} ({html.escape(first.lens_name)}) vs "
+        f"{second.s[:, 0].mean():.2f} ({html.escape(second.lens_name)}); mean difference "
+        f"{ds1.mean():+.2f} layers."
+    )
+    columns = []
+    for traj in (first, second):
+        parts: list[str | Component] = []
+        for view in (colored_tokens(traj, 1), topk_grid(traj, position), topk_tokens(traj)):
+            parts.append(f"<h4>{html.escape(view.title)}</h4>")
+            parts.extend(view.parts)
+        columns.append(View(parts))
+    names = [f"{first.lens_name} lens", f"{second.lens_name} lens"]
+    if names[0] == names[1]:
+        names = [f"{names[0]} (1)", f"{names[1]} (2)"]
+    both = side_by_side(*columns, titles=names)
+    return View([_header(first), summary, *both.parts], title=f"{names[0]} vs {names[1]}")
+
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "Component",
+    "View",
+    "as_view",
+    "bundle_script",
+    "colored_tokens",
+    "colored_tokens_multi",
+    "compare_lenses",
+    "page",
+    "readable_token",
+    "side_by_side",
+    "token_log_probs",
+    "topk_grid",
+    "topk_tokens",
+    "trajectory_view",
+]

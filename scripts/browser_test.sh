@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Browser checks: saved views (and, later, the report) opened in headless Chromium, offline.
+# Needs Chromium (scripts/setup.sh installs Debian's package when missing and run as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m pytest -m browser "$@"

@@ -1,0 +1,114 @@
+"""Saved views opened in real headless Chromium, offline (run: ``pytest -m browser``).
+
+Chromium runs with its network closed (``beyond_top1.browser.OFFLINE_FLAGS``). The tests read
+the rendered DOM: each CircuitsVis mount point must hold the elements and the token text the
+component draws (scripts excluded, so the props embedded in the page do not count), and a hover
+must show the component's tooltip. A CDN page, which needs the network, is the negative control.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import beyond_top1 as bt
+from beyond_top1 import browser, viz
+
+pytestmark = pytest.mark.browser
+
+PROMPT = "The capital of France is Paris.\nIt is <big> & old"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    return browser.find_chromium()  # fails (not skips) when missing: CI must have it
+
+
+@pytest.fixture(scope="module")
+def traj(tiny_model):
+    return bt.trajectory(tiny_model, PROMPT, k=4)
+
+
+def _visible(token: str) -> str:
+    """A prompt token as running text shows it (newline marker, no line break)."""
+    return viz.readable_token(token).strip()
+
+
+def _mounts(path) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for mount in browser.mounted_components(browser.render_dom(path)):
+        out.setdefault(mount.component, []).append(mount)
+    return out
+
+
+def test_trajectory_page_renders_every_component(chromium, traj, tmp_path):
+    page = viz.page(traj, viz.token_log_probs(traj), viz.colored_tokens(traj), title="check")
+    path = page.save(tmp_path / "trajectory.html")
+    mounts = _mounts(path)
+    assert set(mounts) == {"ColoredTokensMulti", "TopkTokens", "TokenLogProbs", "ColoredTokens"}
+    for name, found in mounts.items():
+        for mount in found:
+            assert not mount.error, (name, mount.text)
+            assert mount.n_elements >= traj.n_positions, (name, mount.n_elements)
+    for name in ("ColoredTokens", "ColoredTokensMulti"):
+        text = mounts[name][0].text
+        for token in traj.tokens:
+            assert _visible(token) in text, (name, token)
+        assert "<big>" in text  # escaped markup shows as text
+    # TokenLogProbs shows every token after the first.
+    for token in traj.tokens[1:]:
+        assert _visible(token) in mounts["TokenLogProbs"][0].text
+    # TopkTokens: the table opens on the final layer; its first columns hold the final top-k.
+    topk = mounts["TopkTokens"][0]
+    assert topk.tags.get("table") == 1 and topk.tags.get("select", 0) >= 5
+    shown = topk.text
+    for pos in range(5):
+        for token in traj.token_strings(traj.top_ids[pos, -1]):
+            assert viz.readable_token(token, spaces=True) in shown, (pos, token)
+
+
+def test_hover_shows_the_saturation_layer(chromium, traj, tmp_path):
+    view = viz.colored_tokens(traj, rank=1)
+    position = 3
+    hover = (
+        "<script>setTimeout(function(){"
+        "var el=document.querySelectorAll('.bt-cv .colored-tokens > span')"
+        f"[{position}];"
+        "['mouseover','mouseenter','mousemove'].forEach(function(t){"
+        "el.dispatchEvent(new MouseEvent(t,{bubbles:t!=='mouseenter',clientX:40,clientY:40}));"
+        "});},300);</script>"
+    )
+    path = tmp_path / "hover.html"
+    path.write_text(view.page().replace("</body>", hover + "</body>"), encoding="utf-8")
+    (mount,) = _mounts(path)["ColoredTokens"]
+    assert mount.tags.get("strong") == 1  # the tooltip: token in bold, then the value
+    expected = f"{_visible(traj.tokens[position])}{int(traj.s[position, 0])}"
+    assert expected in mount.text.replace("\n", "").replace(" ", ""), mount.text
+
+
+def test_screenshot_shows_the_components(chromium, traj, tmp_path):
+    from PIL import Image
+
+    path = viz.trajectory_view(traj).save(tmp_path / "view.html")
+    png = browser.screenshot(path, tmp_path / "view.png", window_size=(1200, 900))
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert image.shape[:2] == (900, 1200)
+    # ColoredTokensMulti fills the late-saturating tokens with saturated blue.
+    blue = (image[..., 2] > 200) & (image[..., 0] < 80) & (image[..., 1] < 80)
+    assert blue.sum() > 500
+    non_white = (image < 240).any(-1).mean()
+    assert 0.02 < non_white < 0.9
+
+
+def test_circuitsvis_local_src_renders_offline_but_cdn_does_not(chromium, tmp_path):
+    """Negative control: the CDN version cannot load without the network, so it stays empty."""
+    from circuitsvis.tokens import colored_tokens
+
+    rendered = colored_tokens(["alpha", " beta"], [0.2, 0.8])
+    local = viz.as_view(rendered).save(tmp_path / "local.html")
+    cdn = tmp_path / "cdn.html"
+    cdn.write_text(f"<!DOCTYPE html><html><body>{rendered.cdn_src}</body></html>")
+    (ok,) = browser.mounted_components(browser.render_dom(local))
+    assert "alpha" in ok.text and "beta" in ok.text and ok.n_elements >= 2
+    (dead,) = browser.mounted_components(browser.render_dom(cdn))
+    assert dead.n_elements == 0 and "alpha" not in dead.text
