@@ -1,7 +1,7 @@
 """One prompt's rank trajectories: top-k per position and layer, and its saturation layers.
 
 :func:`trajectory` reads every layer of one prompt through a lens (the same kernel as
-:func:`~beyond_top1.scan.scan`, :func:`~beyond_top1.ranking.lens_topk`) and keeps, per position,
+:func:`~beyond_top1.scans.scan`, :func:`~beyond_top1.ranking.lens_topk`) and keeps, per position,
 the lens' top-k tokens at every layer, the rank of each final top-k token at every layer, the
 saturation layers ``s_1..s_k`` and the final log-prob and rank of the actual next token. The
 :class:`Trajectory` holds no model; it renders itself inline in Jupyter (CircuitsVis) and feeds

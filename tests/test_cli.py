@@ -60,3 +60,20 @@ def test_cli_rejects_over_long_text(converted):
     result = run_cli("lens", "word " * 3000)
     assert result.returncode == 2
     assert "more than the limit of 2048" in result.stderr
+
+
+def test_scan_and_order_commands(converted, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The cat sat on the mat and looked at the dog.\nParis is in France.\n")
+    common = ["--model", "untrained:gpt2-small", "--texts-file", str(texts), "--max-len", "12"]
+    result = run_cli("scan", *common, "--k", "3", "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    assert "mean strict tau" in result.stdout
+    frame = pd.read_parquet(tmp_path / "a" / "saturation.parquet")
+    assert list(frame.columns[-3:]) == ["s_1", "s_2", "s_3"] and len(frame) == 12 + 5
+    again = run_cli("scan", *common, "--k", "3", "--out", str(tmp_path / "a"))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    order = run_cli("order", str(tmp_path / "a"), "--csv", str(tmp_path / "order.csv"))
+    assert order.returncode == 0, order.stderr
+    assert "untrained:gpt2-small [logit]" in order.stdout
+    assert "mean_tau" in (tmp_path / "order.csv").read_text()
