@@ -202,12 +202,19 @@ def plot_saturation_histograms(items, *, relative: bool | None = None) -> Figure
     return fig
 
 
+def _p_label(st) -> str:
+    """``n=…, p=…`` under a τ bar; a p of 0 is reported as below one permutation's share."""
+    p = f"p<{1 / st.n_permutations:.2g}" if st.p_value == 0 else f"p={st.p_value:.3g}"
+    return f"n={st.n_kept}, {p}"
+
+
 def plot_ordering_comparison(stats) -> Figure:
     """Ordering statistics side by side for several scans (e.g. trained vs. untrained).
 
     Left: mean strict Kendall τ ± SE, with the within-position permutation null (mean ± 2 std,
-    grey) and its p-value; middle: fraction of positions with strictly increasing ``s``; right:
-    mean ``s_i / (L-1)`` per rank over the filtered positions. ``stats``: ``{name:
+    grey), and the number of kept positions and the p-value under each bar; middle: fraction
+    of positions with strictly increasing ``s``; right: mean ``s_i / (L-1)`` per rank over the
+    filtered positions. ``stats``: ``{name:
     OrderingStats or ScanResult}`` (or one of them).
     """
     stats = _ordering_stats(stats)
@@ -228,23 +235,15 @@ def plot_ordering_comparison(stats) -> Figure:
         capsize=4,
         label="permutation null ±2σ",
     )
-    for xi, st in zip(x, stats.values(), strict=True):
-        ax_tau.annotate(
-            f"p={st.p_value:.3g}\nn={st.n_kept}",
-            (xi, st.mean_tau),
-            textcoords="offset points",
-            xytext=(0, 6),
-            ha="center",
-            fontsize=8,
-        )
     ax_tau.axhline(0, color="k", lw=0.8)
     ax_tau.set_ylabel("mean strict Kendall τ")
     ax_tau.legend(fontsize=8, loc="lower right")
     ax_frac.bar(x, [st.frac_strictly_increasing for st in stats.values()], 0.6, color=colors)
     ax_frac.set_ylabel("fraction with s strictly increasing")
     ax_frac.set_ylim(0, 1)
+    ax_frac.set_xticks(x, [n or "scan" for n in names])
+    ax_tau.set_xticks(x, [f"{n or 'scan'}\n{_p_label(st)}" for n, st in stats.items()])
     for ax in (ax_tau, ax_frac):
-        ax.set_xticks(x, [n or "scan" for n in names])
         ax.grid(alpha=0.3, axis="y")
     for color, (name, st) in zip(colors, stats.items(), strict=True):
         d = st.distribution

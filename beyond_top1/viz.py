@@ -295,12 +295,17 @@ def _caption(text: str) -> str:
     return f'<div class="bt-caption">{text}</div>'
 
 
-def _header(traj: Trajectory) -> str:
+def _header(traj: Trajectory, lenses: str | None = None) -> str:
     s = traj.settings
+    lenses = html.escape(traj.lens_name) + " lens" if lenses is None else lenses
     return (
-        f"<h3>{html.escape(str(s.get('model_name', 'model')))} · {html.escape(traj.lens_name)} "
-        f"lens · k={traj.k} · {traj.n_layers} layers · {traj.n_positions} tokens</h3>"
+        f"<h3>{html.escape(str(s.get('model_name', 'model')))} · {lenses} "
+        f"· k={traj.k} · {traj.n_layers} layers · {traj.n_positions} tokens</h3>"
     )
+
+
+def _prob(p: float) -> str:
+    return f"{p:.2f}" if p >= 0.01 else f"{p:.0e}"
 
 
 def _position_legend(traj: Trajectory, start: int, stop: int) -> str:
@@ -533,7 +538,7 @@ def topk_grid(traj: Trajectory, position: int = -1) -> View:
             cells.append(
                 f'<td{cls} title="{tip}" style="background:rgb({shade},{shade},255)">'
                 f"{html.escape(readable_token(traj.vocab[token_id], spaces=True))} "
-                f"<small>{prob:.2f}</small></td>"
+                f"<small>{_prob(prob)}</small></td>"
             )
         rows.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
     nxt = (
@@ -593,7 +598,8 @@ def compare_lenses(first: Trajectory, second: Trajectory, position: int = -1) ->
     if names[0] == names[1]:
         names = [f"{names[0]} (1)", f"{names[1]} (2)"]
     both = side_by_side(*columns, titles=names)
-    return View([_header(first), summary, *both.parts], title=f"{names[0]} vs {names[1]}")
+    header = _header(first, html.escape(f"{names[0]} vs. {names[1]}"))
+    return View([header, summary, *both.parts], title=f"{names[0]} vs. {names[1]}")
 
 
 __all__ = [

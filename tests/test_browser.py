@@ -67,23 +67,51 @@ def test_trajectory_page_renders_every_component(chromium, traj, tmp_path):
             assert viz.readable_token(token, spaces=True) in shown, (pos, token)
 
 
-def test_hover_shows_the_saturation_layer(chromium, traj, tmp_path):
-    view = viz.colored_tokens(traj, rank=1)
-    position = 3
-    hover = (
+def _hover(view: viz.View, selector: str, index: int, path) -> dict[str, list]:
+    """Save ``view`` with a script that hovers the ``index``-th element matching ``selector``,
+    then return the rendered mount points."""
+    script = (
         "<script>setTimeout(function(){"
-        "var el=document.querySelectorAll('.bt-cv .colored-tokens > span')"
-        f"[{position}];"
+        f"var el=document.querySelectorAll({selector!r})[{index}];"
         "['mouseover','mouseenter','mousemove'].forEach(function(t){"
         "el.dispatchEvent(new MouseEvent(t,{bubbles:t!=='mouseenter',clientX:40,clientY:40}));"
         "});},300);</script>"
     )
-    path = tmp_path / "hover.html"
-    path.write_text(view.page().replace("</body>", hover + "</body>"), encoding="utf-8")
-    (mount,) = _mounts(path)["ColoredTokens"]
+    path.write_text(view.page().replace("</body>", script + "</body>"), encoding="utf-8")
+    return _mounts(path)
+
+
+def test_hover_shows_the_saturation_layer(chromium, traj, tmp_path):
+    position = 3
+    mounts = _hover(
+        viz.colored_tokens(traj, rank=1),
+        ".bt-cv .colored-tokens > span",
+        position,
+        tmp_path / "hover.html",
+    )
+    (mount,) = mounts["ColoredTokens"]
     assert mount.tags.get("strong") == 1  # the tooltip: token in bold, then the value
     expected = f"{_visible(traj.tokens[position])}{int(traj.s[position, 0])}"
     assert expected in mount.text.replace("\n", "").replace(" ", ""), mount.text
+
+
+def test_hover_shows_the_final_rank_of_a_token(chromium, traj, tmp_path):
+    shown = 4  # TokenLogProbs shows tokens 1..n-1; hover the 5th, i.e. position 5
+    mounts = _hover(
+        viz.token_log_probs(traj),
+        ".bt-cv[data-component=TokenLogProbs] > div > span",
+        shown,
+        tmp_path / "hover_rank.html",
+    )
+    (mount,) = mounts["TokenLogProbs"]
+    text = mount.text
+    assert mount.tags.get("table") == 1, text
+    position = shown + 1
+    rank0 = int(traj.next_rank[position - 1]) - 1  # CircuitsVis numbers ranks from #0
+    logprob = float(traj.next_logprob[position - 1])
+    assert f"#{rank0}" in text and f"{logprob:.3f}" in text, text
+    for token in traj.token_strings(traj.top_ids[position - 1, -1]):
+        assert viz.readable_token(token, spaces=True) in text
 
 
 def test_screenshot_shows_the_components(chromium, traj, tmp_path):

@@ -94,7 +94,13 @@ def test_ordering_comparison(stats):
     s = _ordered_s(0)
     kept = s[s[:, 0] <= int(0.85 * L)]
     np.testing.assert_allclose(mean_ax.get_lines()[0].get_ydata(), kept.mean(0) / (L - 1))
-    assert [t.get_text() for t in tau_ax.get_xticklabels()] == ["trained", "untrained"]
+    labels = [t.get_text() for t in tau_ax.get_xticklabels()]
+    trained, untrained = stats["trained"], stats["untrained"]
+    assert trained.p_value == 0 and untrained.p_value > 0.05  # ordered vs. shuffled data
+    assert labels == [
+        f"trained\nn={trained.n_kept}, p<0.005",  # 0 of 200 permutations reached it
+        f"untrained\nn={untrained.n_kept}, p={untrained.p_value:.3g}",
+    ]
 
 
 def test_figures_accept_scan_results_and_save(tmp_path):
