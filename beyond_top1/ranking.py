@@ -193,6 +193,7 @@ class _Unembedding:
     bias: Tensor  # [vocab]
     softcap: float = -1.0
     weight16: Tensor | None = None
+    weight_t: Tensor | None = None  # [vocab, d_model] contiguous, for row gathers
     col_norm16: Tensor | None = None  # ‖bf16(W_j)‖, padded up
     col_error: Tensor | None = None  # ‖W_j - bf16(W_j)‖ + γ‖W_j‖, padded up
 
@@ -226,6 +227,7 @@ class _Unembedding:
             w16_f = w16.float()
             w_norm = weight.float().norm(dim=0)
             out.weight16 = w16
+            out.weight_t = weight.t().contiguous()
             out.col_norm16 = w16_f.norm(dim=0) * 1.001
             out.col_error = ((weight.float() - w16_f).norm(dim=0) + gamma * w_norm) * 1.001
         return out
@@ -370,18 +372,27 @@ def _gathered_logits(
     """fp32 logits of the given ids per row, each equal to the full fp32 path's bit for bit.
 
     Computed as GEMMs over the union of the ids' columns, ``_GATHER_ROWS`` rows at a time (a
-    small union per chunk keeps the cost at a few percent of the full unembedding).
+    small union per chunk keeps the cost at a few percent of the full unembedding), reading
+    rows of the transposed unembedding (contiguous). BLAS gives every element the same value as
+    in the full product as long as the product is not tiny: chunks are padded to at least
+    ``_MIN_GEMM_ROWS`` rows and 2 columns (checked by the test suite on the machine it runs on).
     """
     out = torch.empty(ids.shape, dtype=torch.float32, device=normed.device)
+    weight_t = emb.weight_t if emb.weight_t is not None else emb.weight.t()
     for start in range(0, ids.shape[0], _GATHER_ROWS):
-        rows = slice(start, start + _GATHER_ROWS)
-        union, inverse = torch.unique(ids[rows], return_inverse=True)
-        block = _logits(normed[rows], emb.weight[:, union], emb.bias[union])
-        out[rows] = block.float().gather(-1, inverse)
+        rows = normed[start : start + _GATHER_ROWS]
+        n_rows = rows.shape[0]
+        if n_rows < _MIN_GEMM_ROWS:
+            rows = torch.cat([rows, rows.new_zeros(_MIN_GEMM_ROWS - n_rows, rows.shape[1])])
+        union, inverse = torch.unique(ids[start : start + _GATHER_ROWS], return_inverse=True)
+        columns = union if len(union) > 1 else union.repeat(2)
+        block = rows @ weight_t[columns].T + emb.bias[columns]
+        out[start : start + n_rows] = block[:n_rows].float().gather(-1, inverse)
     return out
 
 
-_GATHER_ROWS = 64
+_GATHER_ROWS = 128
+_MIN_GEMM_ROWS = 32
 
 
 # ---------------------------------------------------------------------------------------------

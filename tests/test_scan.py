@@ -111,6 +111,20 @@ def test_bf16_upper_bounds_hold():
     assert ((upper - exact) / scale).median() < 4 * 2.0**-8
 
 
+def test_gathered_logits_equal_the_full_product_bit_for_bit():
+    """The bf16 path's exactness rests on BLAS giving subsets of a GEMM the same bits."""
+    g = torch.Generator().manual_seed(2)
+    d, vocab = 576, 5000
+    weight, bias = torch.randn(d, vocab, generator=g) * 0.1, torch.randn(vocab, generator=g)
+    emb = ranking._Unembedding.of_tensors(weight, bias, "bf16")
+    for tokens in (1, 5, 150):  # a single row, a small chunk, a full chunk plus a small one
+        x = torch.randn(tokens, d, generator=g)
+        full = ranking._logits(x, weight, bias)
+        for n in (1, 7, 40):
+            ids = torch.randint(0, vocab, (tokens, n), generator=g)
+            assert torch.equal(ranking._gathered_logits(x, emb, ids), full.gather(-1, ids))
+
+
 @pytest.mark.parametrize("n_candidates", [8, 32])
 def test_bf16_path_equals_fp32(small_vocab_model, tiny_model, n_candidates):
     for model in (small_vocab_model, tiny_model):
