@@ -124,3 +124,23 @@ def unembedding_fingerprint(model) -> str:
         digest.update(str(tuple(data.shape)).encode())
         digest.update(data.numpy().tobytes())
     return digest.hexdigest()
+
+
+# --- hooks package (issue 5, task: hooks) -------------------------------------------------------
+
+
+def hook_names(model) -> list[str]:
+    """Every hook point name of ``model`` (``model.hook_dict``), in module order."""
+    return list(model.hook_dict)
+
+
+def hook_points(model) -> dict:
+    """``{name: HookPoint}`` of ``model`` (``model.hook_dict``)."""
+    return dict(model.hook_dict)
+
+
+def temporary_hooks(model, fwd_hooks: list, bwd_hooks: list):
+    """TransformerLens' ``model.hooks(...)`` context manager: it adds the hooks at a new context
+    level and, on exit (also on an exception), removes the non-permanent hooks of that level
+    only, so hooks added with ``model.add_hook`` or by an outer context survive."""
+    return model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=True)
