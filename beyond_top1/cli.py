@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from beyond_top1 import commands_probes
 from beyond_top1.models import DEFAULT_MODEL
 
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     _add_text_args(ev, n_texts=200, split="val")
     ev.set_defaults(run=_cmd_eval_lens)
+    commands_probes.add_parser(commands)
     return parser
 
 
