@@ -7,6 +7,7 @@ tuned), top-k saturation events, task-index probes, task-shift interventions and
 from beyond_top1.activations import ResidualBatch, stream_residuals
 from beyond_top1.assets import AssetMissingError
 from beyond_top1.data import load_texts, tokenize, wiki_texts
+from beyond_top1.interventions import InterventionResult, find_pairs, intervene
 from beyond_top1.lenses import (
     Lens,
     LensFileError,
@@ -16,6 +17,16 @@ from beyond_top1.lenses import (
     save_lens,
 )
 from beyond_top1.models import DEFAULT_MODEL, OFFLINE_MODELS, UnknownModelError, load_model
+from beyond_top1.probes import (
+    ProbeCV,
+    ProbeFileError,
+    TaskDataset,
+    TaskProbe,
+    cross_validate_task_probe,
+    load_probe,
+    task_dataset,
+    task_labels,
+)
 from beyond_top1.ranking import TopKReadout, lens_topk
 from beyond_top1.readout import format_top_tokens, top_tokens
 from beyond_top1.saturation import (
@@ -60,6 +71,17 @@ __all__ = [
     "colored_tokens",
     "colored_tokens_multi",
     "compare_lenses",
+    "InterventionResult",
+    "ProbeCV",
+    "ProbeFileError",
+    "TaskDataset",
+    "TaskProbe",
+    "cross_validate_task_probe",
+    "find_pairs",
+    "intervene",
+    "load_probe",
+    "task_dataset",
+    "task_labels",
     "format_top_tokens",
     "kendall_tau_strict",
     "lens_topk",
