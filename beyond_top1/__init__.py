@@ -17,6 +17,15 @@ from beyond_top1.lenses import (
 )
 from beyond_top1.models import DEFAULT_MODEL, OFFLINE_MODELS, UnknownModelError, load_model
 from beyond_top1.readout import format_top_tokens, top_tokens
+from beyond_top1.refinement import (
+    Question,
+    load_questions,
+    make_questions,
+    read_questions,
+    refinement_table,
+    save_questions,
+)
+from beyond_top1.replacement import SubmoduleMaps, evaluate_replacements, fit_submodule_maps
 
 __version__ = "0.1.0"
 
@@ -28,13 +37,22 @@ __all__ = [
     "LensFileError",
     "LinearShortcutLens",
     "LogitLens",
+    "Question",
     "ResidualBatch",
+    "SubmoduleMaps",
     "UnknownModelError",
+    "evaluate_replacements",
+    "fit_submodule_maps",
     "format_top_tokens",
     "load_lens",
     "load_model",
+    "load_questions",
     "load_texts",
+    "make_questions",
+    "read_questions",
+    "refinement_table",
     "save_lens",
+    "save_questions",
     "stream_residuals",
     "tokenize",
     "top_tokens",
