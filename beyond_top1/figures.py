@@ -123,8 +123,9 @@ def plot_refinement_gap(table: pd.DataFrame, lens: str | None = None) -> Figure:
         ax.set_xlabel("position of the relevant document")
         ax.grid(alpha=0.3)
     ax_gap.legend(title="documents")
-    title = f"{lens} lens" if lens else ""
-    fig.suptitle(f"Refinement gap vs. evidence position {title}".strip())
+    title = f" ({lens} lens)" if lens else ""
+    fig.suptitle(f"Refinement gap vs. evidence position{title}")
+    ax_gap.xaxis.get_major_locator().set_params(integer=True)
     return fig
 
 

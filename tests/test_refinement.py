@@ -142,3 +142,17 @@ def pd_na():
     import pandas as pd
 
     return pd.NA
+
+
+def test_default_probe_set_is_pinned(tiny_model):
+    """The saved runs in experiments/README.md used these prompts (seed 0): changing the
+    generator must be deliberate (update this test and rerun the experiment)."""
+    q = make_questions(tiny_model, n_docs=(5,), n_items=1, positions=[1])[0]
+    assert q.documents == (
+        "The code word for Jeddah is cell.",
+        "The code word for Willow is materials.",
+        "The code word for Insurgency is former.",
+        "The code word for Millet is height.",
+        "The code word for Apple Inc. is female.",
+    )
+    assert (q.question, q.answer, q.answer_id) == ("The code word for Jeddah is", " cell", 1297)
