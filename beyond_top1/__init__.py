@@ -29,6 +29,15 @@ from beyond_top1.probes import (
 )
 from beyond_top1.ranking import TopKReadout, lens_topk
 from beyond_top1.readout import format_top_tokens, top_tokens
+from beyond_top1.refinement import (
+    Question,
+    load_questions,
+    make_questions,
+    read_questions,
+    refinement_table,
+    save_questions,
+)
+from beyond_top1.replacement import SubmoduleMaps, evaluate_replacements, fit_submodule_maps
 from beyond_top1.saturation import (
     OrderingStats,
     kendall_tau_strict,
@@ -82,6 +91,12 @@ __all__ = [
     "load_probe",
     "task_dataset",
     "task_labels",
+    "Question",
+    "ResidualBatch",
+    "SubmoduleMaps",
+    "UnknownModelError",
+    "evaluate_replacements",
+    "fit_submodule_maps",
     "format_top_tokens",
     "kendall_tau_strict",
     "lens_topk",
@@ -99,8 +114,13 @@ __all__ = [
     "topk_tokens",
     "trajectory",
     "trajectory_view",
+    "load_questions",
     "load_texts",
+    "make_questions",
+    "read_questions",
+    "refinement_table",
     "save_lens",
+    "save_questions",
     "stream_residuals",
     "tokenize",
     "top_tokens",

@@ -377,3 +377,78 @@ def plot_intervention_success(by_offset, *, ax: Axes | None = None) -> Figure:
 
 
 __all__ += ["plot_intervention_success", "plot_probe_per_layer"]
+# ---------------------------------------------------------------------------------------------
+# Issue 8: refinement gap vs. evidence position (003), sub-module linear replacement (004 §6)
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_refinement_gap(table: pd.DataFrame, lens: str | None = None) -> Figure:
+    """Accuracy and mean refinement gap (± SE) against the relevant document's position, one
+    line per number of documents ``N`` (a table from ``refinement_table``, by ``n_docs,
+    position``). ``lens`` picks one lens when the table holds several."""
+    if lens is not None:
+        table = table[table["lens"] == lens]
+    elif "lens" in table and table["lens"].nunique() > 1:
+        raise ValueError(f"the table holds lenses {sorted(table['lens'].unique())}: pass lens=")
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax_acc, ax_gap = fig.subplots(1, 2, sharex=True)
+    for n_docs, rows in table.groupby("n_docs"):
+        rows = rows.sort_values("position")
+        line = ax_acc.plot(rows["position"], rows["accuracy"], marker="o", label=f"N = {n_docs}")
+        ax_gap.errorbar(
+            rows["position"],
+            rows["gap_mean"],
+            yerr=rows["gap_se"].fillna(0),
+            marker="o",
+            capsize=3,
+            color=line[0].get_color(),
+            label=f"N = {n_docs}",
+        )
+    ax_acc.set_ylim(0, 1.02)
+    ax_acc.set_ylabel("accuracy (final top-1 = answer)")
+    ax_gap.set_ylabel("gap = s_1 - first top-1 layer")
+    for ax in (ax_acc, ax_gap):
+        ax.set_xlabel("position of the relevant document")
+        ax.grid(alpha=0.3)
+    ax_gap.legend(title="documents")
+    title = f" ({lens} lens)" if lens else ""
+    fig.suptitle(f"Refinement gap vs. evidence position{title}")
+    ax_gap.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+REPLACEMENT_STYLES = {"fit": "-", "zero": "--", "identity": ":", "mean": "-."}
+
+
+def plot_submodule_replacement(frame: pd.DataFrame) -> Figure:
+    """Precision@1 and KL(p_orig ‖ p_replaced) against the layer of the replaced sub-module:
+    colour = kind, line style = variant (a frame from ``evaluate_replacements``)."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_p, ax_kl = fig.subplots(1, 2, sharex=True)
+    colours = {}
+    for (kind, variant), rows in frame.groupby(["kind", "variant"], sort=False):
+        rows = rows.sort_values("layer")
+        style = REPLACEMENT_STYLES.get(variant, "-")
+        kwargs = {"linestyle": style, "marker": "o" if variant == "fit" else None, "markersize": 3}
+        if kind in colours:
+            kwargs["color"] = colours[kind]
+        line = ax_p.plot(rows["layer"], rows["precision_at_1"], label=f"{kind} {variant}", **kwargs)
+        colours[kind] = line[0].get_color()
+        ax_kl.plot(
+            rows["layer"],
+            rows["kl"].clip(lower=1e-6),
+            color=colours[kind],
+            **{k: v for k, v in kwargs.items() if k != "color"},
+        )
+    ax_p.set_ylim(0, 1.02)
+    ax_p.set_ylabel("Precision@1 vs. the unmodified model")
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylabel("KL(p_orig ‖ p_replaced) (nats)")
+    for ax in (ax_p, ax_kl):
+        ax.set_xlabel("layer of the replaced sub-module")
+        ax.grid(alpha=0.3)
+    ax_p.legend(fontsize=7, ncol=2)
+    return fig
+
+
+__all__ += ["plot_refinement_gap", "plot_submodule_replacement"]

@@ -198,3 +198,110 @@ def kv_cache(
 def kv_tensors(cache) -> tuple[list[Tensor], list[Tensor]]:
     """Per-layer ``[batch, pos, kv_heads, d_head]`` keys and values held by a cache."""
     return [e.past_keys for e in cache.entries], [e.past_values for e in cache.entries]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 8 (refinement gap, sub-module replacement): sub-module hook names, caching arbitrary
+# hooks, running from a layer's residual.
+# ---------------------------------------------------------------------------------------------
+
+SUBMODULE_KINDS = ("attn", "mlp", "norm", "norm2")
+
+# (input hook, output hook) of each replaceable sub-module of block ``{layer}`` (TransformerLens
+# 3.9, pre-norm ``HookedTransformer``: the same names for RMSNorm models such as SmolLM2 (folded:
+# ``RMSPre``) and LayerNorm models such as GPT-2). ``ln1``/``ln2.hook_normalized`` is the
+# normalised vector *before* the norm's own affine weight (folded into the next matrices by
+# ``fold_ln``), so the attention / MLP input is an affine function of it.
+_SUBMODULE_HOOKS = {
+    "attn": ("blocks.{layer}.ln1.hook_normalized", "blocks.{layer}.hook_attn_out"),
+    "mlp": ("blocks.{layer}.ln2.hook_normalized", "blocks.{layer}.hook_mlp_out"),
+    "norm": ("blocks.{layer}.hook_resid_pre", "blocks.{layer}.ln1.hook_normalized"),
+    "norm2": ("blocks.{layer}.hook_resid_mid", "blocks.{layer}.ln2.hook_normalized"),
+}
+
+
+def submodule_hook_names(layer: int, kind: str) -> tuple[str, str]:
+    """``(input_hook, output_hook)`` of sub-module ``kind`` in block ``layer``.
+
+    ``attn``: ``ln1.hook_normalized -> hook_attn_out``; ``mlp``: ``ln2.hook_normalized ->
+    hook_mlp_out``; ``norm``: ``hook_resid_pre -> ln1.hook_normalized``; ``norm2``:
+    ``hook_resid_mid -> ln2.hook_normalized``.
+    """
+    if kind not in _SUBMODULE_HOOKS:
+        raise ValueError(f"kind must be one of {SUBMODULE_KINDS}, got {kind!r}")
+    source, target = _SUBMODULE_HOOKS[kind]
+    return source.format(layer=layer), target.format(layer=layer)
+
+
+def check_submodule_layout(model, kinds: tuple[str, ...] = SUBMODULE_KINDS) -> None:
+    """Raise ``ValueError`` if the model's blocks do not have the layout the names above assume."""
+    cfg = model.cfg
+    problems = []
+    if getattr(cfg, "use_attn_in", False) or getattr(cfg, "use_split_qkv_input", False):
+        problems.append("use_attn_in / use_split_qkv_input give ln1 a head dimension")
+    if getattr(cfg, "parallel_attn_mlp", False):
+        problems.append("parallel attention/MLP blocks (GPT-J style) have no resid_mid")
+    if cfg.normalization_type is None and any(k.startswith("norm") for k in kinds):
+        problems.append("the model has no normalisation to replace")
+    if getattr(cfg, "attn_only", False) and any(k in ("mlp", "norm2") for k in kinds):
+        problems.append("an attention-only model has no MLP")
+    try:
+        from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+    except ImportError:  # pragma: no cover - older TransformerLens
+        POST_NORM_ARCHITECTURES = ()
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        problems.append(f"post-norm architecture {cfg.original_architecture}")
+    if problems:
+        raise ValueError(
+            "sub-module replacement expects pre-norm blocks with attention and MLP reading "
+            "ln1/ln2 outputs; this model has: " + "; ".join(problems)
+        )
+
+
+def resid_pre_hook_name(layer: int) -> str:
+    """``blocks.{layer}.hook_resid_pre``: the input of block ``layer``."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def run_with_activations(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    names: list[str] | tuple[str, ...],
+    *,
+    return_logits: bool = False,
+) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, dict[str, Tensor]]:
+    """Run once, caching only the hooks in ``names``; returns ``(logits or None, {name: act})``.
+
+    A hook that fires several times in one pass (``ln1`` is called for queries, keys and values)
+    keeps its last value.
+    """
+    wanted = set(names)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(
+            tokens,
+            names_filter=lambda name: name in wanted,
+            return_type="logits" if return_logits else None,
+        )
+        missing = wanted.difference(cache.keys())
+        if missing:
+            raise ValueError(f"these hooks did not fire: {sorted(missing)}")
+        return logits, {name: cache[name] for name in names}
+
+
+def run_from_layer(
+    model,
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    layer: int,
+    fwd_hooks=(),
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Logits of the model run from block ``layer`` on, given that block's input residual.
+
+    Equivalent to the full run when ``resid_pre`` is the clean ``blocks.{layer}.hook_resid_pre``
+    (no attention mask: right-padded batches only; rotary/absolute positions are unaffected).
+    """
+    if not 0 <= layer < n_layers(model):
+        raise ValueError(f"layer must be in [0, {n_layers(model) - 1}], got {layer}")
+    if getattr(model.cfg, "positional_embedding_type", "") == "shortformer":
+        raise ValueError("running from a layer is not supported for shortformer positions")
+    with torch.no_grad():
+        return model.run_with_hooks(resid_pre, start_at_layer=layer, fwd_hooks=list(fwd_hooks))

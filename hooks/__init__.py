@@ -21,6 +21,7 @@ from hooks.ablate import mean_ablate, mean_activation, mean_from_stream, zero_ab
 from hooks.compose import HookNameError, check_hook_names, fwd_hooks, patched
 from hooks.patch import copy_position, copy_positions, replace_at_positions
 from hooks.record import record, record_positions
+from hooks.replace import constant_replacement, linear_replacement, submodule_replacement
 from hooks.steer import add_vector
 
 __all__ = [
@@ -28,9 +29,11 @@ __all__ = [
     "HookNameError",
     "add_vector",
     "check_hook_names",
+    "constant_replacement",
     "copy_position",
     "copy_positions",
     "fwd_hooks",
+    "linear_replacement",
     "mean_ablate",
     "mean_activation",
     "mean_from_stream",
@@ -38,5 +41,6 @@ __all__ = [
     "record",
     "record_positions",
     "replace_at_positions",
+    "submodule_replacement",
     "zero_ablate",
 ]
