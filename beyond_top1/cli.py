@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     _add_text_args(ev, n_texts=200, split="val")
     ev.set_defaults(run=_cmd_eval_lens)
+    from beyond_top1.commands_early_exit import add_parser as add_early_exit  # issue 6
+
+    add_early_exit(commands)
     return parser
 
 

@@ -1,0 +1,156 @@
+"""Token-level early exit on the default model (papers 001 and 004; issue 6).
+
+Part 1, simulation (no compute skipped): one pass over validation texts records every criterion's
+per-layer signal; writes the curves (``curves.csv``), the layers-saved table
+(``layers_saved.csv``), 001's better-LM test (``better_lm.json``) and the figure
+(``figures/early_exit.png/.svg``).
+
+Part 2, the real early-exit decoder: greedy decoding that stops at the exit layer (skipped layers'
+K/V from the copied exit state), timed against full greedy decoding with the same code
+(``generation.json``, ``generation_per_prompt.csv``). The criterion's θ defaults to the
+simulation's best θ reaching ``--gen-target`` Precision@1 for that criterion and lens.
+
+    nice -n 10 python experiments/early_exit.py --linear-lens /work/runs/early_exit/linear200 \\
+        --out /work/runs/early_exit/sim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import beyond_top1 as bt
+from beyond_top1.commands_early_exit import load_probe, make_criterion, prompts_from_texts
+from beyond_top1.early_exit import (
+    better_language_modeling,
+    collect_exit_signals,
+    early_exit_curves,
+    layers_saved_table,
+    load_exit_signals,
+)
+from beyond_top1.figures import plot_early_exit_curves, save_figure
+from beyond_top1.generation import benchmark_early_exit
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-texts", type=int, default=60, help="validation texts (simulation)")
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--linear-lens", help="saved linear-shortcut lens (default: fit on 200 train)")
+    p.add_argument("--tuned-lens", help="saved tuned lens (optional)")
+    p.add_argument("--probe", help="pickled task probe (object with predict())")
+    p.add_argument("--m", type=int, default=6, help="better-LM: early means s_2 <= L-1-m")
+    p.add_argument("--reuse-signals", action="store_true", help="reuse OUT/signals if present")
+    p.add_argument("--skip-generation", action="store_true")
+    p.add_argument("--gen-prompts", type=int, default=20)
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--gen-prompt-words", type=int, default=24)
+    p.add_argument("--gen-criterion", default="margin")
+    p.add_argument("--gen-lens", default="linear")
+    p.add_argument("--gen-theta", type=float, help="default: the simulation's θ at --gen-target")
+    p.add_argument("--gen-target", type=float, default=0.95)
+    p.add_argument("--gen-min-layer", type=int, default=0)
+    p.add_argument("--gen-threads", type=int, default=1, help="torch threads while decoding")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = bt.load_model(args.model, seed=args.seed)
+    lenses = {"logit": bt.LogitLens(model)}
+    if args.linear_lens:
+        lenses["linear"] = bt.load_lens(args.linear_lens, model)
+    else:
+        lenses["linear"] = bt.LinearShortcutLens.fit(
+            model, bt.wiki_texts(200, split="train", seed=args.seed), max_len=128
+        )
+        lenses["linear"].save(out / "linear_lens")
+    if args.tuned_lens:
+        lenses["tuned"] = bt.load_lens(args.tuned_lens, model)
+    probe = load_probe(args.probe)
+    summary: dict = {"args": vars(args)}
+
+    signals_dir = out / "signals"
+    if args.reuse_signals and (signals_dir / "signals.npz").is_file():
+        signals = load_exit_signals(signals_dir)
+    else:
+        texts = bt.wiki_texts(args.n_texts, split="val", seed=args.seed)
+        start = time.perf_counter()
+        signals = collect_exit_signals(
+            model,
+            texts,
+            lenses,
+            probe=probe,
+            batch_size=args.batch_size,
+            max_len=args.max_len,
+            precision=args.precision,
+        )
+        summary["signals_seconds"] = time.perf_counter() - start
+        signals.save(signals_dir)
+    summary["positions"] = len(signals)
+    curves = early_exit_curves(signals)
+    table = layers_saved_table(curves)
+    better = better_language_modeling(signals, m=args.m)
+    curves.to_csv(out / "curves.csv", index=False)
+    table.to_csv(out / "layers_saved.csv", index=False)
+    (out / "better_lm.json").write_text(json.dumps(better.to_dict(), indent=1))
+    save_figure(plot_early_exit_curves(curves), out / "figures" / "early_exit")
+    summary["full_accuracy"] = float(curves.loc[curves.method == "full", "accuracy"].iloc[0])
+    summary["better_lm"] = better.to_dict()
+    print(f"# {len(signals)} positions; full-model accuracy {summary['full_accuracy']:.4f}")
+    print(table.round(3).to_string(index=False))
+    print(better.summary())
+
+    if not args.skip_generation:
+        theta = args.gen_theta
+        if theta is None:
+            tag = f"theta_at_{round(100 * args.gen_target):d}"
+            row = table[(table.method == args.gen_criterion) & (table.lens == args.gen_lens)]
+            theta = float(row[tag].iloc[0])
+            if theta != theta:  # NaN: the target is not reached
+                raise SystemExit(f"{args.gen_criterion}/{args.gen_lens} never reaches the target")
+        criterion = make_criterion(
+            args.gen_criterion,
+            theta,
+            min_layer=args.gen_min_layer,
+            probe=probe,
+            n_avg=signals.mean_input_length(),
+        )
+        prompts = prompts_from_texts(
+            bt.wiki_texts(args.gen_prompts, split="val", seed=args.seed + 1),
+            args.gen_prompt_words,
+        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.gen_threads)  # batch-1 decoding: small ops
+        try:
+            bench = benchmark_early_exit(
+                model,
+                prompts,
+                criterion,
+                lens=lenses[args.gen_lens],
+                max_new_tokens=args.gen_tokens,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        bench.per_prompt.to_csv(out / "generation_per_prompt.csv", index=False)
+        gen = {**bench.summary(), "theta": theta, "threads": args.gen_threads}
+        (out / "generation.json").write_text(json.dumps(gen, indent=1))
+        summary["generation"] = gen
+        print(bench)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
