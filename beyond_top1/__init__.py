@@ -19,6 +19,7 @@ from beyond_top1.early_exit import (
     simulate_exit,
 )
 from beyond_top1.generation import GenerationBenchmark, benchmark_early_exit, generate_early_exit
+from beyond_top1.interventions import InterventionResult, find_pairs, intervene
 from beyond_top1.lenses import (
     Lens,
     LensFileError,
@@ -28,6 +29,16 @@ from beyond_top1.lenses import (
     save_lens,
 )
 from beyond_top1.models import DEFAULT_MODEL, OFFLINE_MODELS, UnknownModelError, load_model
+from beyond_top1.probes import (
+    ProbeCV,
+    ProbeFileError,
+    TaskDataset,
+    TaskProbe,
+    cross_validate_task_probe,
+    load_probe,
+    task_dataset,
+    task_labels,
+)
 from beyond_top1.ranking import TopKReadout, lens_topk
 from beyond_top1.readout import format_top_tokens, top_tokens
 from beyond_top1.saturation import (
@@ -67,6 +78,17 @@ __all__ = [
     "ScanResult",
     "TopKReadout",
     "UnknownModelError",
+    "InterventionResult",
+    "ProbeCV",
+    "ProbeFileError",
+    "TaskDataset",
+    "TaskProbe",
+    "cross_validate_task_probe",
+    "find_pairs",
+    "intervene",
+    "load_probe",
+    "task_dataset",
+    "task_labels",
     "format_top_tokens",
     "kendall_tau_strict",
     "lens_topk",

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from beyond_top1 import commands_probes
 from beyond_top1.models import DEFAULT_MODEL
 
 
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     from beyond_top1.commands_early_exit import add_parser as add_early_exit  # issue 6
 
     add_early_exit(commands)
+    commands_probes.add_parser(commands)
     return parser
 
 

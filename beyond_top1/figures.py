@@ -157,3 +157,106 @@ def plot_early_exit_curves(
 
 
 __all__ += ["plot_early_exit_curves"]
+
+# --- task probes and interventions (issue 5, task: probes) ----------------------------------------
+
+
+def _labelled(frames) -> dict[str, pd.DataFrame]:
+    return {"": frames} if isinstance(frames, pd.DataFrame) else dict(frames)
+
+
+def plot_probe_per_layer(
+    per_layer, *, chance: float | None = None, ax: Axes | None = None
+) -> Figure:
+    """Task-probe accuracy per layer (out-of-fold) against the shuffled-label baseline.
+
+    ``per_layer``: ``ProbeCV.per_layer``, or ``{label: per_layer}`` (e.g. one per k).
+    """
+    if ax is None:
+        ax = Figure(figsize=(6, 3.5), layout="constrained").subplots()
+    for label, frame in _labelled(per_layer).items():
+        name = f" ({label})" if label else ""
+        line = ax.plot(
+            frame["layer"],
+            frame["balanced_accuracy"],
+            marker="o",
+            markersize=3,
+            label=f"probe{name}",
+        )[0]
+        if "shuffled_balanced_accuracy" in frame.columns:
+            ax.plot(
+                frame["layer"],
+                frame["shuffled_balanced_accuracy"],
+                linestyle="--",
+                color=line.get_color(),
+                alpha=0.7,
+                label=f"shuffled labels{name}",
+            )
+    if chance is not None:
+        ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("balanced accuracy (held-out texts)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def plot_intervention_success(by_offset, *, ax: Axes | None = None) -> Figure:
+    """Task-shift success rate against the offset ``d`` (``InterventionResult.by_offset()``),
+    with ±1 SE bars, the strict rate, and the random-vector and own-activation controls.
+
+    ``by_offset``: one frame, or ``{label: frame}`` (e.g. one per model).
+    """
+    if ax is None:
+        ax = Figure(figsize=(6, 3.8), layout="constrained").subplots()
+    for label, frame in _labelled(by_offset).items():
+        name = f" ({label})" if label else ""
+        bars = ax.errorbar(
+            frame["d"],
+            frame["success_rate"],
+            yerr=frame["success_se"],
+            marker="o",
+            markersize=4,
+            capsize=2,
+            label=f"patch: s₁ ≤ l, top-1 kept{name}",
+        )
+        color = bars.lines[0].get_color()
+        ax.plot(
+            frame["d"],
+            frame["strict_rate"],
+            marker="s",
+            markersize=3,
+            linestyle="--",
+            color=color,
+            alpha=0.8,
+            label=f"patch: s₁ = l{name}",
+        )
+        if "random_success_rate" in frame.columns and frame["random_n"].sum() > 0:
+            ax.plot(
+                frame["d"],
+                frame["random_success_rate"],
+                marker="x",
+                linestyle=":",
+                color=color,
+                alpha=0.8,
+                label=f"random-vector control{name}",
+            )
+        ax.plot(
+            frame["d"],
+            frame["own_success_rate"],
+            linestyle="-.",
+            color="grey",
+            alpha=0.6,
+            label=f"own-activation control{name}",
+        )
+    ax.axvline(-0.5, color="black", linewidth=0.6, alpha=0.4)
+    ax.set_xlabel("offset d (patched layer l = s₁(source) + d)")
+    ax.set_ylabel("fraction of pairs")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax.figure
+
+
+__all__ += ["plot_intervention_success", "plot_probe_per_layer"]

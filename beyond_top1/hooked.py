@@ -253,3 +253,77 @@ def _head_linear(
 def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     """The model's own logits from the last block's output (final norm + unembedding)."""
     return unembed(model, final_norm(model, resid))
+
+
+# --- hooks package (issue 5, task: hooks) -------------------------------------------------------
+
+
+def hook_names(model) -> list[str]:
+    """Every hook point name of ``model`` (``model.hook_dict``), in module order."""
+    return list(model.hook_dict)
+
+
+def hook_points(model) -> dict:
+    """``{name: HookPoint}`` of ``model`` (``model.hook_dict``)."""
+    return dict(model.hook_dict)
+
+
+def temporary_hooks(model, fwd_hooks: list, bwd_hooks: list):
+    """TransformerLens' ``model.hooks(...)`` context manager: it adds the hooks at a new context
+    level and, on exit (also on an exception), removes the non-permanent hooks of that level
+    only, so hooks added with ``model.add_hook`` or by an outer context survive."""
+    return model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=True)
+
+
+# --- task probes and interventions (issue 5, task: probes) ----------------------------------------
+
+
+def run_forward(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    past_kv_cache=None,
+) -> None:
+    """One forward pass run only for its hooks (nothing returned, no logits computed).
+
+    With ``past_kv_cache`` (see :func:`kv_cache`) the tokens continue the cached prefixes and
+    the cache grows by them; ``attention_mask`` marks the real new tokens (default: all)."""
+    if past_kv_cache is not None and attention_mask is None:
+        attention_mask = torch.ones(tokens.shape, dtype=torch.long, device=tokens.device)
+    with torch.no_grad():
+        model(
+            tokens,
+            return_type=None,
+            attention_mask=attention_mask,
+            past_kv_cache=past_kv_cache,
+        )
+
+
+def kv_cache(
+    model,
+    keys: list[Float[Tensor, "batch pos kv_heads d_head"]] | None = None,
+    values: list[Float[Tensor, "batch pos kv_heads d_head"]] | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    *,
+    batch_size: int = 1,
+):
+    """A TransformerLens key/value cache: empty, or holding the given per-layer (pre-rotary)
+    keys and values of left-padded prefixes with their ``attention_mask`` (0 = padding)."""
+    from transformer_lens import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(
+        model.cfg, model_device(model), batch_size if keys is None else keys[0].shape[0]
+    )
+    if keys is not None:
+        if values is None or attention_mask is None or len(keys) != n_layers(model):
+            raise ValueError("give keys and values for every layer, and the attention mask")
+        for entry, k, v in zip(cache.entries, keys, values, strict=True):
+            entry.past_keys, entry.past_values = k, v
+        cache.previous_attention_mask = attention_mask.to(torch.int)
+    return cache
+
+
+def kv_tensors(cache) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-layer ``[batch, pos, kv_heads, d_head]`` keys and values held by a cache."""
+    return [e.past_keys for e in cache.entries], [e.past_values for e in cache.entries]

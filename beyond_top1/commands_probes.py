@@ -1,0 +1,188 @@
+"""CLI: ``beyond-top1 probe`` (fit and cross-validate a task probe) and ``beyond-top1 intervene``
+(task-shift interventions), from a scan folder or from a scan they run themselves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _add_scan_args(parser: argparse.ArgumentParser, *, k: int) -> None:
+    parser.add_argument(
+        "--scan",
+        help="a scan folder (bt.scan(..., out=DIR)); give the same model and text arguments it "
+        "was made with. Without it a scan is run and written to OUT/scan",
+    )
+    parser.add_argument("--lens", help="a saved lens folder (default: the scan's, or logit)")
+    parser.add_argument(
+        "--scan-k", type=int, default=k, help="ranks tracked when running the scan (%(default)s)"
+    )
+    parser.add_argument(
+        "--precision", default="bf16", choices=["fp32", "bf16"], help="lens readout precision"
+    )
+    parser.add_argument("--out", required=True, help="folder for the results")
+
+
+def _scan_and_lens(args: argparse.Namespace, model, texts):
+    from beyond_top1.cli import _read_lens
+    from beyond_top1.lenses import load_lens
+    from beyond_top1.scan import load_scan, scan
+
+    if args.scan:
+        result = load_scan(args.scan)
+        source = args.lens or result.settings.get("lens")
+        if source in (None, "logit") or args.lens:
+            lens = _read_lens(model, args.lens)
+        else:
+            lens = load_lens(source, model)
+        return result, lens
+    lens = _read_lens(model, args.lens)
+    folder = Path(args.out) / "scan"
+    if (folder / "summary.json").exists():
+        return load_scan(folder), lens
+    description = (
+        args.texts_file or f"wiki_texts({args.n_texts}, split={args.split!r}, seed={args.seed})"
+    )
+    result = scan(
+        model,
+        texts,
+        lens=lens,
+        k=args.scan_k,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        precision=args.precision,
+        out=folder,
+        resume=folder.exists(),
+        lens_source=args.lens,
+        texts_description=description,
+    )
+    return result, lens
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from beyond_top1.cli import _load, _texts
+    from beyond_top1.figures import plot_probe_per_layer, save_figure
+    from beyond_top1.probes import TaskProbe, cross_validate_task_probe, task_dataset
+
+    model = _load(args)
+    texts = _texts(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scan_result, _ = _scan_and_lens(args, model, texts)
+    data = task_dataset(
+        model,
+        scan_result,
+        texts,
+        k=args.k,
+        min_layer=args.min_layer,
+        max_per_class=args.max_per_class,
+        features=args.features,
+        seed=args.seed,
+    )
+    cv = cross_validate_task_probe(
+        data, n_splits=args.folds, seed=args.seed, C=args.C, shuffled=not args.no_shuffled
+    )
+    probe = TaskProbe(C=args.C).fit(data)
+    probe.save(out / "probe.safetensors")
+    cv.folds.to_csv(out / "cv_folds.csv", index=False)
+    cv.per_class.to_csv(out / "cv_per_class.csv", index=False)
+    cv.per_layer.to_csv(out / "cv_per_layer.csv", index=False)
+    data.counts().to_csv(out / "rows_per_layer.csv")
+    summary = {"dataset": data.summary(), "cv": cv.summary()}
+    (out / "cv.json").write_text(json.dumps(summary, indent=1) + "\n")
+    save_figure(
+        plot_probe_per_layer(cv.per_layer, chance=1 / data.k), out / "figures" / "probe_per_layer"
+    )
+    s = summary["cv"]
+    line = (
+        f"task probe, k={data.k}: balanced accuracy {s['balanced_accuracy_mean']:.3f} ± "
+        f"{s['balanced_accuracy_se']:.3f} (SE over {s['n_splits']} folds grouped by text)"
+    )
+    if not args.no_shuffled:
+        line += (
+            f"; shuffled labels {s['shuffled_balanced_accuracy_mean']:.3f} ± "
+            f"{s['shuffled_balanced_accuracy_se']:.3f}"
+        )
+    print(line + f"; {s['n_rows']} rows from {s['n_texts']} texts, chance {1 / data.k:.3f}")
+    print(f"wrote {out}/probe.safetensors, cv_*.csv, cv.json and figures/")
+    return 0
+
+
+def _cmd_intervene(args: argparse.Namespace) -> int:
+    from beyond_top1.cli import _load, _texts
+    from beyond_top1.figures import plot_intervention_success, save_figure
+    from beyond_top1.interventions import intervene
+    from beyond_top1.probes import load_probe
+
+    model = _load(args)
+    texts = _texts(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = load_probe(args.probe, model) if args.probe else None
+    scan_result, lens = _scan_and_lens(args, model, texts)
+    result = intervene(
+        model,
+        scan_result,
+        texts,
+        lens=lens,
+        a=args.a,
+        delta=args.delta,
+        max_distance=args.max_distance,
+        max_pairs=args.max_pairs,
+        controls=not args.no_controls,
+        probe=probe,
+        batch_size=args.rows_per_batch,
+        engine=args.engine,
+        seed=args.seed,
+    )
+    result.save(out)
+    by_offset = result.by_offset()
+    if len(by_offset):
+        save_figure(plot_intervention_success(by_offset), out / "figures" / "intervention_success")
+    columns = ["n", "success_rate", "strict_rate", "random_success_rate", "own_success_rate"]
+    present = [c for c in columns if c in by_offset.columns]
+    print(f"# {len(result.pairs)} pairs (Δ = {result.settings['delta']})")
+    if len(by_offset):
+        print(by_offset[["d", *present]].round(3).to_string(index=False))
+        print(result.by_sign()[["offsets", *present]].round(3).to_string(index=False))
+    print(f"wrote {out}/trials.csv, by_offset.csv, by_sign.csv, summary.json and figures/")
+    return 0
+
+
+def add_parser(commands) -> None:
+    """Add ``probe`` and ``intervene`` to the ``beyond-top1`` subcommands."""
+    from beyond_top1.cli import _add_model_args, _add_text_args
+
+    probe = commands.add_parser(
+        "probe", help="fit a task-index probe and cross-validate it (grouped by text)"
+    )
+    _add_model_args(probe)
+    _add_text_args(probe, n_texts=150, split="val")
+    _add_scan_args(probe, k=5)
+    probe.add_argument("--k", type=int, default=3, help="tasks 1..k (default: %(default)s)")
+    probe.add_argument("--min-layer", type=int, default=0, help="first layer to take rows from")
+    probe.add_argument(
+        "--max-per-class", type=int, default=300, help="rows per (layer, task) at most"
+    )
+    probe.add_argument("--features", default="raw", choices=["raw", "rms"])
+    probe.add_argument("--folds", type=int, default=5, help="GroupKFold splits by text")
+    probe.add_argument("--C", type=float, default=1.0, help="inverse L2 strength")
+    probe.add_argument("--no-shuffled", action="store_true", help="skip the shuffled baseline")
+    probe.set_defaults(run=_cmd_probe)
+
+    iv = commands.add_parser(
+        "intervene", help="task-shift interventions: patch a source's state into a target"
+    )
+    _add_model_args(iv)
+    _add_text_args(iv, n_texts=150, split="val")
+    _add_scan_args(iv, k=1)
+    iv.add_argument("--probe", help="a probe file from `beyond-top1 probe` (optional)")
+    iv.add_argument("--a", type=int, help="offsets d in [-a, a] (default: Δ // 2)")
+    iv.add_argument("--delta", type=int, help="min s_1 gap (default: 10 for >= 24 layers)")
+    iv.add_argument("--max-distance", type=int, default=30, help="max tokens between the pair")
+    iv.add_argument("--max-pairs", type=int, default=200, help="pairs to use (seeded sample)")
+    iv.add_argument("--no-controls", action="store_true", help="skip the random-vector control")
+    iv.add_argument("--rows-per-batch", type=int, default=32, help="patched runs per pass")
+    iv.add_argument("--engine", default="cached", choices=["cached", "full"])
+    iv.set_defaults(run=_cmd_intervene)
