@@ -34,10 +34,15 @@ def _lenses(model, args: argparse.Namespace) -> dict:
     return lenses
 
 
-def load_probe(path: str | None):
-    """A pickled task probe (any object with ``predict``); only load files you trust."""
+def read_probe(path: str | None, model):
+    """A task probe: a ``.safetensors`` file from ``TaskProbe.save`` (checked against
+    ``model``), or a pickle of any object with ``predict`` (only load pickles you trust)."""
     if not path:
         return None
+    if str(path).endswith(".safetensors"):
+        from beyond_top1.probes import load_probe
+
+        return load_probe(path, model)
     with open(path, "rb") as handle:
         probe = pickle.load(handle)  # noqa: S301 - the user's own artefact
     if not hasattr(probe, "predict"):
@@ -56,7 +61,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     model = _load(args)
     lenses = _lenses(model, args)
-    probe = load_probe(args.probe)
+    probe = read_probe(args.probe, model)
     texts = _texts(args)
     out = Path(args.out)
     start = time.perf_counter()
@@ -125,7 +130,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     lenses = _lenses(model, args)
     if args.lens not in lenses:
         raise ValueError(f"--lens {args.lens} is not loaded; have {sorted(lenses)}")
-    probe = load_probe(args.probe)
+    probe = read_probe(args.probe, model)
     criterion = make_criterion(
         args.criterion, args.theta, min_layer=args.min_layer, probe=probe, n_avg=args.n_avg
     )
@@ -148,7 +153,9 @@ def _add_lens_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fit-texts", type=int, default=200, help="train texts for 'fit'")
     parser.add_argument("--tuned-lens", help="a saved tuned lens folder (optional)")
-    parser.add_argument("--probe", help="a pickled task probe (object with predict())")
+    parser.add_argument(
+        "--probe", help="a task probe: TaskProbe .safetensors, or a pickle with predict()"
+    )
 
 
 def add_parser(subparsers) -> None:

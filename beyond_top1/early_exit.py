@@ -16,8 +16,9 @@ Criteria (``method``), each combined with a lens that makes the prediction it ex
   which that lens' top-1 equals the model's final top-1). Precision@1 = 1 by construction; the
   layers it uses are a floor for exit rules that must be right from the exit on.
 * ``probe``: the first layer where a task probe (001) says the model is doing task ``>= 2``,
-  i.e. the top-1 is settled. The probe is any object with ``predict(X[n, d_model]) -> task``
-  (1-based), applied to the raw ``resid_post`` of every layer.
+  i.e. the top-1 is settled. The probe is a :class:`~beyond_top1.probes.TaskProbe` or any
+  object with ``predict(X[n, d_model]) -> task`` (1-based), applied to the ``resid_post`` of
+  every layer (see :func:`probe_predict`).
 * ``margin``: the first layer where ``p_1 - p_2 >= θ`` under the lens (CALM's softmax
   confidence, as in 001's baseline).
 * ``cosine``: the first layer where ``cos(h_l, h_{l-1}) >= θ`` (``h_{-1}`` = the embedding);
@@ -177,10 +178,18 @@ def load_exit_signals(directory: str | Path) -> ExitSignals:
     )
 
 
+def probe_predict(probe, resid: Float[torch.Tensor, "n d_model"]) -> Int[np.ndarray, " n"]:
+    """Tasks predicted from raw ``resid_post`` rows: ``probe.predict_resid(resid)`` when the
+    probe has it (a :class:`~beyond_top1.probes.TaskProbe` normalises features as it was
+    trained), else ``probe.predict(resid as a numpy array)``."""
+    if hasattr(probe, "predict_resid"):
+        return np.asarray(probe.predict_resid(resid.float().cpu()))
+    return np.asarray(probe.predict(resid.float().cpu().numpy()))
+
+
 def _probe_tasks(probe, resid: Float[torch.Tensor, "tokens layer d_model"]) -> np.ndarray:
     tokens, layers, d = resid.shape
-    flat = resid.reshape(tokens * layers, d).float().cpu().numpy()
-    tasks = np.asarray(probe.predict(flat)).reshape(tokens, layers)
+    tasks = probe_predict(probe, resid.reshape(tokens * layers, d)).reshape(tokens, layers)
     return tasks.astype(np.int16)
 
 
@@ -590,6 +599,7 @@ __all__ = [
     "first_firing_layer",
     "layers_saved_table",
     "load_exit_signals",
+    "probe_predict",
     "simulate_exit",
     "two_proportion_ztest",
 ]

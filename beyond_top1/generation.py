@@ -34,7 +34,7 @@ from torch import Tensor
 
 from beyond_top1 import hooked
 from beyond_top1.data import tokenize
-from beyond_top1.early_exit import TAU_004
+from beyond_top1.early_exit import TAU_004, probe_predict
 from beyond_top1.lenses import Lens, LogitLens
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +137,7 @@ class ProbeExit:
     def __call__(self, state: LayerState) -> bool:
         if state.layer < self.min_layer:
             return False
-        x = state.resid.float().cpu().numpy()[None]
-        return int(np.asarray(self.probe.predict(x))[0]) >= self.min_task
+        return int(probe_predict(self.probe, state.resid[None])[0]) >= self.min_task
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import beyond_top1 as bt
-from beyond_top1.commands_early_exit import load_probe, make_criterion, prompts_from_texts
+from beyond_top1.commands_early_exit import make_criterion, prompts_from_texts, read_probe
 from beyond_top1.early_exit import (
     better_language_modeling,
     collect_exit_signals,
@@ -47,7 +47,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--linear-lens", help="saved linear-shortcut lens (default: fit on 200 train)")
     p.add_argument("--tuned-lens", help="saved tuned lens (optional)")
-    p.add_argument("--probe", help="pickled task probe (object with predict())")
+    p.add_argument("--probe", help="task probe (.safetensors or pickle); default: train one")
+    p.add_argument("--probe-texts", type=int, default=40, help="train texts for the probe")
+    p.add_argument("--probe-k", type=int, default=3)
+    p.add_argument("--probe-max-per-class", type=int, default=300)
     p.add_argument("--m", type=int, default=6, help="better-LM: early means s_2 <= L-1-m")
     p.add_argument("--reuse-signals", action="store_true", help="reuse OUT/signals if present")
     p.add_argument("--skip-generation", action="store_true")
@@ -61,6 +64,40 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gen-min-layer", type=int, default=0)
     p.add_argument("--gen-threads", type=int, default=1, help="torch threads while decoding")
     return p.parse_args()
+
+
+def train_probe(model, args: argparse.Namespace, folder: Path):
+    """001's task probe on *train* texts (the simulation uses validation texts): a scan
+    (k = --probe-k, logit lens), balanced rows from every layer, StandardScaler + one-vs-rest
+    logistic regression."""
+    texts = bt.wiki_texts(args.probe_texts, split="train", seed=args.seed)
+    start = time.perf_counter()
+    scan = bt.scan(
+        model,
+        texts,
+        k=args.probe_k,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        precision=args.precision,
+    )
+    data = bt.task_dataset(
+        model,
+        scan,
+        texts,
+        k=args.probe_k,
+        max_per_class=args.probe_max_per_class,
+        seed=args.seed,
+    )
+    probe = bt.TaskProbe().fit(data)
+    probe.save(folder / "probe.safetensors")
+    info = {
+        "texts": f"wiki_texts({args.probe_texts}, split='train', seed={args.seed})",
+        "dataset": data.summary(),
+        "train_accuracy": float(probe.score(data)),
+        "seconds": time.perf_counter() - start,
+    }
+    (folder / "probe.json").write_text(json.dumps(info, indent=1, default=str))
+    return probe, info
 
 
 def main() -> None:
@@ -78,8 +115,15 @@ def main() -> None:
         lenses["linear"].save(out / "linear_lens")
     if args.tuned_lens:
         lenses["tuned"] = bt.load_lens(args.tuned_lens, model)
-    probe = load_probe(args.probe)
     summary: dict = {"args": vars(args)}
+    if args.probe:
+        probe = read_probe(args.probe, model)
+    elif (out / "probe" / "probe.safetensors").is_file():
+        probe = bt.load_probe(out / "probe" / "probe.safetensors", model)
+    elif args.probe_texts > 0:
+        probe, summary["probe"] = train_probe(model, args, out / "probe")
+    else:
+        probe = None
 
     signals_dir = out / "signals"
     if args.reuse_signals and (signals_dir / "signals.npz").is_file():

@@ -432,3 +432,26 @@ def test_signals_save_and_load_round_trip(tiny_signals, tmp_path):
     pd.testing.assert_frame_equal(early_exit_curves(loaded), early_exit_curves(signals))
     with pytest.raises(FileNotFoundError, match="signals.npz"):
         load_exit_signals(tmp_path / "nothing")
+
+
+def test_a_fitted_task_probe_plugs_into_the_probe_criterion(tiny_model):
+    """The real TaskProbe (branch probes) through the duck-typed interface."""
+    from beyond_top1 import hooked
+    from beyond_top1.data import tokenize
+    from beyond_top1.early_exit import probe_predict
+    from beyond_top1.probes import TaskProbe
+
+    text = "The cat sat on the mat, and then it slept."
+    L = hooked.n_layers(tiny_model)
+    ids = tokenize(tiny_model, text)
+    with torch.inference_mode():
+        resid = hooked.run_with_residuals(tiny_model, torch.tensor([ids]), tuple(range(L)))[0]
+    X = resid.reshape(-1, resid.shape[-1]).numpy()
+    y = np.tile(np.arange(1, L + 1), len(ids))  # "task" = layer + 1: learnable, 3 classes
+    probe = TaskProbe().fit(X, y)
+    signals = collect_exit_signals(tiny_model, [text], probe=probe, progress=False)
+    expected = probe.predict(resid[:-1].reshape(-1, resid.shape[-1]).numpy()).reshape(-1, L)
+    assert signals.probe_task.tolist() == expected.tolist()
+    assert probe_predict(probe, resid[0]).tolist() == probe.predict(resid[0].numpy()).tolist()
+    r = simulate_exit(signals, "probe", "logit")
+    assert r.exit_layer.tolist() == first_firing_layer(expected >= 2).tolist()

@@ -205,3 +205,22 @@ def test_benchmark_with_a_never_firing_criterion_agrees_fully(tiny_model):
     assert summary["new_tokens"] == 12
     assert summary["mean_layers"] == hooked.n_layers(tiny_model)
     assert summary["speedup"] > 0
+
+
+def test_probe_exit_uses_the_probe_on_the_new_token(small_model):
+    from beyond_top1.generation import ProbeExit
+
+    class SaysSettled:
+        def __init__(self):
+            self.rows = []
+
+        def predict(self, X):
+            self.rows.append(X.shape)
+            return [2] * len(X)
+
+    probe = SaysSettled()
+    generation = generate_early_exit(small_model, PROMPT, ProbeExit(probe), max_new_tokens=6)
+    fixed = generate_early_exit(small_model, PROMPT, FixedLayerExit(0), max_new_tokens=6)
+    assert generation.token_ids == fixed.token_ids
+    assert generation.exit_layers == [hooked.n_layers(small_model) - 1] + [0] * 5
+    assert probe.rows == [(1, hooked.d_model(small_model))] * 5
