@@ -322,13 +322,17 @@ def exit_layers(
     *,
     n_avg: float | None = None,
     tau: float = TAU_004,
+    min_layer: int = 0,
 ) -> Int[np.ndarray, " n"]:
     """The layer (``0..L-1``) at which each position exits under ``method`` (see module doc).
 
     ``lens`` matters for ``oracle``, ``margin`` and ``confidence_004`` (whose signal it gives);
     ``theta`` is required for the threshold methods; ``n_avg`` is 004's ``N`` (default: from
-    the positions).
+    the positions). ``min_layer``: the criterion is only checked from this layer on (as the
+    decoder's ``min_layer``; not applied to ``oracle`` and ``fixed``).
     """
+    if not 0 <= min_layer < signals.n_layers:
+        raise ValueError(f"min_layer must be in [0, {signals.n_layers - 1}], got {min_layer}")
     L = signals.n_layers
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -341,15 +345,18 @@ def exit_layers(
     if method == "probe":
         if signals.probe_task is None:
             raise ValueError("these signals have no probe predictions; pass probe= when collecting")
-        return first_firing_layer(signals.probe_task >= 2)
-    if method == "margin":
-        return first_firing_layer(signals.margin[lens] >= theta)
-    if method == "cosine":
-        return first_firing_layer(signals.resid_cos >= theta)
-    if method == "confidence_004":
+        fires = signals.probe_task >= 2
+    elif method == "margin":
+        fires = signals.margin[lens] >= theta
+    elif method == "cosine":
+        fires = signals.resid_cos >= theta
+    elif method == "confidence_004":
         n_avg = signals.mean_input_length() if n_avg is None else n_avg
         threshold = confidence_threshold_004(theta, signals.pos, n_avg, tau)
-        return first_firing_layer(signals.margin[lens] > threshold[:, None])
+        fires = signals.margin[lens] > threshold[:, None]
+    if method != "fixed":
+        fires[:, :min_layer] = False  # every branch above made a fresh array
+        return first_firing_layer(fires)
     layer = int(theta)  # fixed
     if not 0 <= layer < L:
         raise ValueError(f"fixed exit layer must be in [0, {L - 1}], got {theta}")

@@ -455,3 +455,12 @@ def test_a_fitted_task_probe_plugs_into_the_probe_criterion(tiny_model):
     assert probe_predict(probe, resid[0]).tolist() == probe.predict(resid[0].numpy()).tolist()
     r = simulate_exit(signals, "probe", "logit")
     assert r.exit_layer.tolist() == first_firing_layer(expected >= 2).tolist()
+
+
+def test_min_layer_delays_every_checked_criterion():
+    s = hand_signals()
+    assert exit_layers(s, "margin", "logit", 0.5, min_layer=2).tolist() == [2, 3, 4]
+    assert exit_layers(s, "probe", min_layer=2).tolist() == [2, 4, 4]
+    assert exit_layers(s, "cosine", "logit", 0.0, min_layer=3).tolist() == [3, 3, 3]
+    assert simulate_exit(s, "margin", "logit", 0.5, min_layer=2).mean_layers == pytest.approx(4)
+    assert s.probe_task.tolist() == PROBE_TASK.tolist()  # the signals are not modified
