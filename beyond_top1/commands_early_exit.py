@@ -92,7 +92,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def make_criterion(name: str, theta: float, *, min_layer: int = 0, probe=None, n_avg=None):
-    """A decoder criterion by name: margin, confidence_004, cosine, probe, fixed."""
+    """A decoder criterion by name: margin, confidence_004, cosine, probe, probe_conf, fixed."""
     from beyond_top1.generation import (
         Confidence004Exit,
         CosineExit,
@@ -109,10 +109,10 @@ def make_criterion(name: str, theta: float, *, min_layer: int = 0, probe=None, n
         return Confidence004Exit(theta, n_avg, min_layer=min_layer)
     if name == "cosine":
         return CosineExit(theta, min_layer)
-    if name == "probe":
+    if name in ("probe", "probe_conf"):
         if probe is None:
-            raise ValueError("the probe criterion needs --probe FILE")
-        return ProbeExit(probe, min_layer=min_layer)
+            raise ValueError("the probe criteria need --probe FILE")
+        return ProbeExit(probe, theta if name == "probe_conf" else None, min_layer)
     if name == "fixed":
         return FixedLayerExit(int(theta))
     raise ValueError(f"unknown criterion {name!r}")
@@ -182,7 +182,7 @@ def add_parser(subparsers) -> None:
     gen.add_argument(
         "--criterion",
         default="margin",
-        choices=["margin", "confidence_004", "cosine", "probe", "fixed"],
+        choices=["margin", "confidence_004", "cosine", "probe", "probe_conf", "fixed"],
     )
     gen.add_argument("--theta", type=float, default=0.9, help="threshold (fixed: the layer)")
     gen.add_argument("--lens", default="logit", help="lens for predictions: logit/linear/tuned")

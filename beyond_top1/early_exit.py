@@ -18,7 +18,10 @@ Criteria (``method``), each combined with a lens that makes the prediction it ex
 * ``probe``: the first layer where a task probe (001) says the model is doing task ``>= 2``,
   i.e. the top-1 is settled. The probe is a :class:`~beyond_top1.probes.TaskProbe` or any
   object with ``predict(X[n, d_model]) -> task`` (1-based), applied to the ``resid_post`` of
-  every layer (see :func:`probe_predict`).
+  every layer (see :func:`probe_predict`). 001's rule, one point per probe.
+* ``probe_conf``: the first layer where the probe's probability of task ``>= 2`` is ``>= θ``
+  (needs ``predict_proba`` and ``classes_``, as :class:`~beyond_top1.probes.TaskProbe` has): the
+  probe rule as a sweepable curve.
 * ``margin``: the first layer where ``p_1 - p_2 >= θ`` under the lens (CALM's softmax
   confidence, as in 001's baseline).
 * ``cosine``: the first layer where ``cos(h_l, h_{l-1}) >= θ`` (``h_{-1}`` = the embedding);
@@ -55,21 +58,23 @@ from beyond_top1.lenses import Lens, LogitLens
 from beyond_top1.ranking import PRECISIONS, lens_topk
 from beyond_top1.saturation import saturation_layers
 
-METHODS = ("oracle", "probe", "margin", "cosine", "confidence_004", "fixed")
-THRESHOLD_METHODS = ("margin", "cosine", "confidence_004", "fixed")
+METHODS = ("oracle", "probe", "probe_conf", "margin", "cosine", "confidence_004", "fixed")
+THRESHOLD_METHODS = ("probe_conf", "margin", "cosine", "confidence_004", "fixed")
 TAU_004 = 4.0
 DEFAULT_BETTER_LM_MARGIN = 6  # 001's code: "early" means s_2 <= L - 7
 
 
 def default_thetas(n_layers: int) -> dict[str, np.ndarray]:
     """θ grids per method: fine near the high-precision end, where the 95%/99% points lie."""
-    fine = np.array([0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999])
+    fine = np.array([0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 0.99999, 1.0])
     return {
+        "probe_conf": np.unique(np.concatenate([np.linspace(0.1, 0.98, 45), fine])),
         "margin": np.unique(np.concatenate([np.linspace(0.0, 0.98, 50), fine])),
         "cosine": np.unique(np.concatenate([np.linspace(0.5, 0.98, 25), fine])),
-        # 004 sweeps λ over [0, 1] and up to 1.112 (λ_t then exceeds 1: never exit).
+        # 004 sweeps λ over [0, 1] and up to 1.112 (λ_t > 1 for every t: never exit); the
+        # high-precision end needs 0.9 λ close to 1, so λ is also taken at 0.9 λ = fine values.
         "confidence_004": np.unique(
-            np.concatenate([np.linspace(0.0, 1.0, 51), [1.02, 1.04, 1.06, 1.08, 1.1, 1.112]])
+            np.concatenate([np.linspace(0.0, 1.1, 56), fine / 0.9, [1.112]])
         ),
         "fixed": np.arange(n_layers, dtype=float),
     }
@@ -93,6 +98,7 @@ class ExitSignals:
         saturation: per lens name, ``[n, 2]`` ``s_1, s_2`` under the lens.
         resid_cos: ``[n, L]`` ``cos(h_l, h_{l-1})`` (``h_{-1}`` = the embedding).
         probe_task: ``[n, L]`` the probe's predicted task at every layer, or ``None``.
+        probe_settled: ``[n, L]`` the probe's probability of task ``>= 2``, or ``None``.
     """
 
     n_layers: int
@@ -105,6 +111,7 @@ class ExitSignals:
     saturation: dict[str, Int[np.ndarray, "n 2"]]
     resid_cos: Float[np.ndarray, "n L"]
     probe_task: Int[np.ndarray, "n L"] | None = None
+    probe_settled: Float[np.ndarray, "n L"] | None = None
     settings: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -146,6 +153,8 @@ class ExitSignals:
             arrays[f"saturation__{name}"] = self.saturation[name]
         if self.probe_task is not None:
             arrays["probe_task"] = self.probe_task
+        if self.probe_settled is not None:
+            arrays["probe_settled"] = self.probe_settled
         np.savez_compressed(out / "signals.npz", **arrays)
         meta = {"n_layers": self.n_layers, "lenses": list(self.lenses), "settings": self.settings}
         (out / "signals.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -174,23 +183,47 @@ def load_exit_signals(directory: str | Path) -> ExitSignals:
         saturation={n: arrays[f"saturation__{n}"] for n in lenses},
         resid_cos=arrays["resid_cos"],
         probe_task=arrays.get("probe_task"),
+        probe_settled=arrays.get("probe_settled"),
         settings=meta.get("settings", {}),
     )
 
 
+def _probe_inputs(probe, resid: Float[torch.Tensor, "n d_model"]) -> np.ndarray:
+    """Raw ``resid_post`` rows as the probe's features (a TaskProbe trained on ``"rms"``
+    features gets them divided by their RMS, as in training)."""
+    x = resid.float().cpu()
+    features = getattr(probe, "features", "raw")
+    if isinstance(features, str) and features != "raw":
+        from beyond_top1.probes import normalise_features
+
+        x = normalise_features(x, features)
+    return x.numpy()
+
+
 def probe_predict(probe, resid: Float[torch.Tensor, "n d_model"]) -> Int[np.ndarray, " n"]:
-    """Tasks predicted from raw ``resid_post`` rows: ``probe.predict_resid(resid)`` when the
-    probe has it (a :class:`~beyond_top1.probes.TaskProbe` normalises features as it was
-    trained), else ``probe.predict(resid as a numpy array)``."""
-    if hasattr(probe, "predict_resid"):
-        return np.asarray(probe.predict_resid(resid.float().cpu()))
-    return np.asarray(probe.predict(resid.float().cpu().numpy()))
+    """Tasks (1-based) a probe predicts from raw ``resid_post`` rows (``probe.predict``)."""
+    return np.asarray(probe.predict(_probe_inputs(probe, resid)))
 
 
-def _probe_tasks(probe, resid: Float[torch.Tensor, "tokens layer d_model"]) -> np.ndarray:
+def probe_settled_probability(
+    probe, resid: Float[torch.Tensor, "n d_model"]
+) -> Float[np.ndarray, " n"] | None:
+    """The probe's probability of task ``>= 2`` (the top-1 is settled), or ``None`` if it has
+    no ``predict_proba``/``classes_``."""
+    if not (hasattr(probe, "predict_proba") and hasattr(probe, "classes_")):
+        return None
+    proba = np.asarray(probe.predict_proba(_probe_inputs(probe, resid)))
+    return proba[:, np.asarray(probe.classes_) >= 2].sum(axis=1)
+
+
+def _probe_signals(probe, resid: Float[torch.Tensor, "tokens layer d_model"]):
     tokens, layers, d = resid.shape
-    tasks = probe_predict(probe, resid.reshape(tokens * layers, d)).reshape(tokens, layers)
-    return tasks.astype(np.int16)
+    flat = resid.reshape(tokens * layers, d)
+    tasks = probe_predict(probe, flat).reshape(tokens, layers).astype(np.int16)
+    settled = probe_settled_probability(probe, flat)
+    if settled is not None:
+        settled = settled.reshape(tokens, layers).astype(np.float32)
+    return tasks, settled
 
 
 def collect_exit_signals(
@@ -263,7 +296,10 @@ def collect_exit_signals(
             )
         add("resid_cos", cos.cpu().numpy().astype(np.float32))
         if probe is not None:
-            add("probe_task", _probe_tasks(probe, resid[:, 1:]))
+            tasks, settled = _probe_signals(probe, resid[:, 1:])
+            add("probe_task", tasks)
+            if settled is not None:
+                add("probe_settled", settled)
     if "gold" not in parts:
         raise ValueError("the texts have no position with a next token; give longer texts")
 
@@ -281,6 +317,7 @@ def collect_exit_signals(
         saturation={n: cat(f"saturation__{n}") for n in lenses},
         resid_cos=cat("resid_cos"),
         probe_task=cat("probe_task") if probe is not None else None,
+        probe_settled=cat("probe_settled") if "probe_settled" in parts else None,
         settings={
             "model_name": hooked.model_name(model),
             "lenses": {n: lens.kind for n, lens in lenses.items()},
@@ -346,6 +383,13 @@ def exit_layers(
         if signals.probe_task is None:
             raise ValueError("these signals have no probe predictions; pass probe= when collecting")
         fires = signals.probe_task >= 2
+    elif method == "probe_conf":
+        if signals.probe_settled is None:
+            raise ValueError(
+                "these signals have no probe probabilities; collect them with a probe that has "
+                "predict_proba and classes_"
+            )
+        fires = signals.probe_settled >= theta
     elif method == "margin":
         fires = signals.margin[lens] >= theta
     elif method == "cosine":
@@ -434,9 +478,9 @@ def early_exit_curves(
 ) -> pd.DataFrame:
     """Precision@1, accuracy and mean layers for every method × lens × θ (one row each).
 
-    Includes a ``full`` row (no exit). ``cosine`` and ``probe`` decide without the lens, so they
-    appear once per lens (the lens only makes the prediction). ``probe`` is skipped when the
-    signals have no probe predictions.
+    Includes a ``full`` row (no exit). ``cosine``, ``probe`` and ``probe_conf`` decide without
+    the lens, so they appear once per lens (the lens only makes the prediction). The probe
+    methods are skipped when the signals have no probe predictions (probabilities).
     """
     L = signals.n_layers
     methods = tuple(methods) if methods else METHODS
@@ -457,6 +501,8 @@ def early_exit_curves(
     ]
     for method in methods:
         if method == "probe" and signals.probe_task is None:
+            continue
+        if method == "probe_conf" and signals.probe_settled is None:
             continue
         for lens in lenses:
             values = grid[method] if method in THRESHOLD_METHODS else [None]
@@ -496,6 +542,17 @@ def layers_saved_table(
                 row[f"precision_at_{tag}"] = math.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def best_at_budget(curves: pd.DataFrame, max_layers: float, metric: str = "precision_at_1"):
+    """Per method and lens, the grid point with the best ``metric`` among those using at most
+    ``max_layers`` layers on average (to compare a single-point rule, e.g. ``probe``, with the
+    threshold curves at the same compute)."""
+    rows = curves[(curves["method"] != "full") & (curves["mean_layers"] <= max_layers + 1e-9)]
+    if rows.empty:
+        return rows.copy()
+    best = rows.sort_values([metric, "mean_layers"], ascending=[False, True])
+    return best.groupby(["method", "lens"], sort=False).head(1).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,6 +654,7 @@ __all__ = [
     "BetterLMResult",
     "ExitResult",
     "ExitSignals",
+    "best_at_budget",
     "better_language_modeling",
     "collect_exit_signals",
     "confidence_threshold_004",
@@ -607,6 +665,7 @@ __all__ = [
     "layers_saved_table",
     "load_exit_signals",
     "probe_predict",
+    "probe_settled_probability",
     "simulate_exit",
     "two_proportion_ztest",
 ]

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from beyond_top1 import hooked
 from beyond_top1.data import tokenize
-from beyond_top1.early_exit import TAU_004, probe_predict
+from beyond_top1.early_exit import TAU_004, probe_predict, probe_settled_probability
 from beyond_top1.lenses import Lens, LogitLens
 
 # ---------------------------------------------------------------------------------------------
@@ -128,16 +128,22 @@ class CosineExit:
 
 @dataclass
 class ProbeExit:
-    """The task probe says task ``>= min_task`` (001): the top-1 is settled."""
+    """The task probe says the top-1 is settled (001): predicted task ``>= 2``, or, with
+    ``theta``, its probability of task ``>= 2`` is ``>= theta``."""
 
     probe: object
-    min_task: int = 2
+    theta: float | None = None
     min_layer: int = 0
 
     def __call__(self, state: LayerState) -> bool:
         if state.layer < self.min_layer:
             return False
-        return int(probe_predict(self.probe, state.resid[None])[0]) >= self.min_task
+        if self.theta is None:
+            return int(probe_predict(self.probe, state.resid[None])[0]) >= 2
+        settled = probe_settled_probability(self.probe, state.resid[None])
+        if settled is None:
+            raise ValueError("ProbeExit(theta=...) needs a probe with predict_proba and classes_")
+        return float(settled[0]) >= self.theta
 
 
 @dataclass

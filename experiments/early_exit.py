@@ -26,6 +26,7 @@ import torch
 import beyond_top1 as bt
 from beyond_top1.commands_early_exit import make_criterion, prompts_from_texts, read_probe
 from beyond_top1.early_exit import (
+    best_at_budget,
     better_language_modeling,
     collect_exit_signals,
     early_exit_curves,
@@ -155,6 +156,25 @@ def main() -> None:
     print(f"# {len(signals)} positions; full-model accuracy {summary['full_accuracy']:.4f}")
     print(table.round(3).to_string(index=False))
     print(better.summary())
+    if signals.probe_task is not None:
+        for lens in signals.lenses:  # 001's probe rule against the curves at its compute
+            point = curves[(curves.method == "probe") & (curves.lens == lens)].iloc[0]
+            rivals = best_at_budget(curves, point.mean_layers)
+            rivals = rivals[rivals.lens == lens]
+            rivals.to_csv(out / f"probe_vs_baselines_{lens}.csv", index=False)
+            summary[f"probe_vs_baselines_{lens}"] = {
+                "probe": point.to_dict(),
+                "best_at_same_layers": rivals.to_dict(orient="records"),
+            }
+            print(
+                f"probe/{lens}: P@1 {point.precision_at_1:.3f}, acc {point.accuracy:.3f} at "
+                f"{point.mean_layers:.2f} layers; best others at <= those layers:"
+            )
+            print(
+                rivals[["method", "theta", "precision_at_1", "accuracy", "mean_layers"]]
+                .round(3)
+                .to_string(index=False)
+            )
 
     if not args.skip_generation:
         theta = args.gen_theta

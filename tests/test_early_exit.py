@@ -12,6 +12,7 @@ import torch
 
 from beyond_top1.early_exit import (
     ExitSignals,
+    best_at_budget,
     better_language_modeling,
     collect_exit_signals,
     confidence_threshold_004,
@@ -65,6 +66,14 @@ COS = np.array(
     ],
     dtype=np.float32,
 )
+PROBE_SETTLED = np.array(
+    [
+        [0.10, 0.40, 0.60, 0.90, 0.95],
+        [0.30, 0.70, 0.20, 0.20, 0.80],
+        [0.00, 0.10, 0.10, 0.10, 0.10],
+    ],
+    dtype=np.float32,
+)
 PROBE_TASK = np.array(
     [
         [1, 1, 2, 3, 3],  # task >= 2 from layer 2
@@ -89,6 +98,7 @@ def hand_signals() -> ExitSignals:
         },
         resid_cos=COS.copy(),
         probe_task=PROBE_TASK.copy(),
+        probe_settled=PROBE_SETTLED.copy(),
     )
 
 
@@ -150,6 +160,17 @@ def test_probe_criterion_by_hand():
     s.probe_task = None
     with pytest.raises(ValueError, match="no probe predictions"):
         exit_layers(s, "probe")
+
+
+def test_probe_confidence_criterion_by_hand():
+    s = hand_signals()
+    assert exit_layers(s, "probe_conf", "logit", 0.5).tolist() == [2, 1, 4]
+    assert exit_layers(s, "probe_conf", "logit", 0.85).tolist() == [3, 4, 4]
+    assert simulate_exit(s, "probe_conf", "linear", 0.85).prediction.tolist() == [10, 20, 30]
+    s.probe_settled = None
+    with pytest.raises(ValueError, match="no probe probabilities"):
+        exit_layers(s, "probe_conf", "logit", 0.5)
+    assert "probe_conf" not in set(early_exit_curves(s).method)
 
 
 def test_confidence_004_threshold_and_criterion_by_hand():
@@ -242,10 +263,11 @@ def random_signals(seed: int = 0, n: int = 300, n_layers: int = 8) -> ExitSignal
         saturation={"logit": sat},
         resid_cos=rng.random((n, n_layers)).astype(np.float32),
         probe_task=rng.integers(1, 4, size=(n, n_layers)),
+        probe_settled=rng.random((n, n_layers)).astype(np.float32),
     )
 
 
-@pytest.mark.parametrize("method", ["margin", "cosine", "confidence_004", "fixed"])
+@pytest.mark.parametrize("method", ["probe_conf", "margin", "cosine", "confidence_004", "fixed"])
 def test_theta_sweeps_are_monotone_in_layers_used(method):
     s = random_signals()
     curves = early_exit_curves(s, methods=[method])
@@ -270,7 +292,8 @@ def test_oracle_precision_one_on_random_trajectories():
 def test_curves_and_layers_saved_table():
     s = hand_signals()
     curves = early_exit_curves(s, thetas={"margin": [0.05, 0.5, 0.85]})
-    methods = {"full", "oracle", "probe", "margin", "cosine", "confidence_004", "fixed"}
+    methods = {"full", "oracle", "probe", "probe_conf", "margin", "cosine", "confidence_004"}
+    methods.add("fixed")
     assert set(curves.method) == methods
     full = curves[curves.method == "full"].iloc[0]
     assert full.mean_layers == L and full.accuracy == pytest.approx(1 / 3)
@@ -455,6 +478,11 @@ def test_a_fitted_task_probe_plugs_into_the_probe_criterion(tiny_model):
     assert probe_predict(probe, resid[0]).tolist() == probe.predict(resid[0].numpy()).tolist()
     r = simulate_exit(signals, "probe", "logit")
     assert r.exit_layer.tolist() == first_firing_layer(expected >= 2).tolist()
+    proba = probe.predict_proba(resid[:-1].reshape(-1, resid.shape[-1]).numpy())
+    settled = proba[:, probe.classes_ >= 2].sum(1).reshape(-1, L)
+    np.testing.assert_allclose(signals.probe_settled, settled, rtol=1e-5, atol=1e-6)
+    r = simulate_exit(signals, "probe_conf", "logit", 0.7)
+    assert r.exit_layer.tolist() == first_firing_layer(settled >= 0.7).tolist()
 
 
 def test_min_layer_delays_every_checked_criterion():
@@ -464,3 +492,13 @@ def test_min_layer_delays_every_checked_criterion():
     assert exit_layers(s, "cosine", "logit", 0.0, min_layer=3).tolist() == [3, 3, 3]
     assert simulate_exit(s, "margin", "logit", 0.5, min_layer=2).mean_layers == pytest.approx(4)
     assert s.probe_task.tolist() == PROBE_TASK.tolist()  # the signals are not modified
+
+
+def test_best_at_budget_compares_at_equal_compute():
+    s = hand_signals()
+    curves = early_exit_curves(s, thetas={"margin": [0.05, 0.5, 0.85]})
+    best = best_at_budget(curves, 8 / 3)
+    assert (best.mean_layers <= 8 / 3 + 1e-9).all()
+    margin = best[(best.method == "margin") & (best.lens == "logit")].iloc[0]
+    assert margin.theta == 0.5 and margin.precision_at_1 == 1.0
+    assert best_at_budget(curves, 0.5).empty

@@ -224,3 +224,5 @@ def test_probe_exit_uses_the_probe_on_the_new_token(small_model):
     assert generation.token_ids == fixed.token_ids
     assert generation.exit_layers == [hooked.n_layers(small_model) - 1] + [0] * 5
     assert probe.rows == [(1, hooked.d_model(small_model))] * 5
+    with pytest.raises(ValueError, match="predict_proba"):
+        generate_early_exit(small_model, PROMPT, ProbeExit(probe, theta=0.5), max_new_tokens=2)
