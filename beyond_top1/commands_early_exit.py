@@ -4,7 +4,7 @@
   layers-saved table (``layers_saved.csv``), 001's better-LM test (``better_lm.json``) and the
   figure (``figures/early_exit.png/.svg``). No compute is skipped: it is a simulation.
 * ``early-exit generate --out DIR``: greedy decoding that really stops at the exit layer,
-  timed against full greedy decoding (``generation.json``, ``generation_per_prompt.csv``).
+  timed against full greedy decoding (``generation.csv``, ``generation_per_prompt.csv``).
 """
 
 from __future__ import annotations
@@ -141,9 +141,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bench.per_prompt.to_csv(out / "generation_per_prompt.csv", index=False)
-    (out / "generation.json").write_text(json.dumps(bench.summary(), indent=1))
+    bench.summary().to_csv(out / "generation.csv", index=False)
     print(bench)
-    print(f"wrote {out}/generation.json, generation_per_prompt.csv")
+    print(f"wrote {out}/generation.csv, generation_per_prompt.csv")
     return 0
 
 

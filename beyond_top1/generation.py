@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -293,44 +293,55 @@ def greedy_reference(model, prompt, max_new_tokens: int) -> list[int]:
 
 @dataclass
 class GenerationBenchmark:
-    """Per-prompt timings and agreement of early-exit vs. full greedy decoding."""
+    """Per-prompt timings and agreement of early-exit vs. full greedy decoding.
+
+    ``per_prompt`` has one row per (prompt, criterion); :meth:`summary` one row per criterion.
+    """
 
     per_prompt: pd.DataFrame
     n_layers: int
     settings: dict = field(default_factory=dict)
 
-    def summary(self) -> dict:
-        f = self.per_prompt
-        tokens = int(f["n_tokens"].sum())
-        return {
-            "prompts": len(f),
-            "new_tokens": tokens,
-            "seconds_full": float(f["seconds_full"].sum()),
-            "seconds_early_exit": float(f["seconds_early_exit"].sum()),
-            "speedup": float(f["seconds_full"].sum() / f["seconds_early_exit"].sum()),
-            "tokens_per_s_full": tokens / float(f["seconds_full"].sum()),
-            "tokens_per_s_early_exit": tokens / float(f["seconds_early_exit"].sum()),
-            "agreement": float(f["agree"].sum() / tokens),
-            "same_prefix_agreement": float(f["same_prefix_agree"].sum() / f["n_eligible"].sum()),
-            "exact_sequences": float(f["exact"].mean()),
-            "mean_tokens_before_divergence": float(f["tokens_before_divergence"].mean()),
-            "mean_layers": float(
-                (f["mean_layers"] * f["n_eligible"]).sum() / f["n_eligible"].sum()
-            ),
-            "fraction_layers_saved": 1.0
-            - float((f["mean_layers"] * f["n_eligible"]).sum() / f["n_eligible"].sum())
-            / self.n_layers,
-            **self.settings,
-        }
+    def summary(self) -> pd.DataFrame:
+        rows = []
+        for name, f in self.per_prompt.groupby("criterion", sort=False):
+            tokens = int(f["n_tokens"].sum())
+            eligible = int(f["n_eligible"].sum())
+            layers = float((f["mean_layers"] * f["n_eligible"]).sum() / max(eligible, 1))
+            rows.append(
+                {
+                    "criterion": name,
+                    "description": self.settings.get("criteria", {}).get(name, ""),
+                    "prompts": len(f),
+                    "new_tokens": tokens,
+                    "seconds_full": float(f["seconds_full"].sum()),
+                    "seconds_early_exit": float(f["seconds_early_exit"].sum()),
+                    "speedup": float(f["seconds_full"].sum() / f["seconds_early_exit"].sum()),
+                    "tokens_per_s_full": tokens / float(f["seconds_full"].sum()),
+                    "tokens_per_s_early_exit": tokens / float(f["seconds_early_exit"].sum()),
+                    "agreement": float(f["agree"].sum() / tokens),
+                    "same_prefix_agreement": float(f["same_prefix_agree"].sum() / max(eligible, 1)),
+                    "exact_sequences": float(f["exact"].mean()),
+                    "mean_tokens_before_divergence": float(f["tokens_before_divergence"].mean()),
+                    "mean_layers": layers,
+                    "fraction_layers_saved": 1.0 - layers / self.n_layers,
+                }
+            )
+        return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
-        s = self.summary()
-        return (
-            f"GenerationBenchmark({s['prompts']} prompts × {s['new_tokens'] // s['prompts']} "
-            f"tokens: speed-up {s['speedup']:.2f}×, agreement {s['agreement']:.1%}, "
-            f"same-prefix agreement {s['same_prefix_agreement']:.1%}, "
-            f"layers {s['mean_layers']:.1f}/{self.n_layers})"
-        )
+        lines = [f"GenerationBenchmark (L={self.n_layers}):"]
+        for row in self.summary().itertuples():
+            lines.append(
+                f"  {row.criterion}: {row.prompts} prompts × {row.new_tokens // row.prompts} "
+                f"tokens, speed-up {row.speedup:.2f}×, agreement {row.agreement:.1%}, "
+                f"same-prefix agreement {row.same_prefix_agreement:.1%}, "
+                f"layers {row.mean_layers:.1f}"
+            )
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return self.summary().to_html(index=False)
 
 
 def _same_prefix_agreement(model, generation: Generation) -> tuple[int, int]:
@@ -349,58 +360,73 @@ def _same_prefix_agreement(model, generation: Generation) -> tuple[int, int]:
 def benchmark_early_exit(
     model,
     prompts: Sequence[str],
-    criterion: Criterion,
+    criteria: Criterion | Mapping[str, Criterion | tuple[Criterion, Lens]],
     *,
     lens: Lens | None = None,
     max_new_tokens: int = 32,
     warmup: bool = True,
 ) -> GenerationBenchmark:
-    """Time early-exit vs. full greedy decoding on every prompt (same decoder code, run
-    back to back in alternating order to spread machine-load drift), and compare tokens.
+    """Time early-exit vs. full greedy decoding on every prompt and compare the tokens.
 
-    Per prompt: ``agree`` counts positions where both decodes have the same token;
+    ``criteria``: one criterion, or name -> criterion (or ``(criterion, lens)``); ``lens`` is
+    the default lens. Per prompt, full decoding and every criterion run back to back with the
+    same decoder code, in an order rotated from prompt to prompt to spread machine-load drift.
+    Per (prompt, criterion): ``agree`` counts positions where both decodes have the same token;
     ``tokens_before_divergence`` the common prefix; ``same_prefix_agree`` the early-exit tokens
     the full model would also produce after the early-exit prefix (Precision@1 in real
     decoding).
     """
-    lens = lens if lens is not None else LogitLens(model)
+    default_lens = lens if lens is not None else LogitLens(model)
+    if not isinstance(criteria, Mapping):
+        criteria = {"early_exit": criteria}
+    runs = {
+        name: entry if isinstance(entry, tuple) else (entry, default_lens)
+        for name, entry in criteria.items()
+    }
+    if "full" in runs:
+        raise ValueError("'full' is reserved for full greedy decoding; rename that criterion")
     if warmup and prompts:
-        generate_early_exit(model, prompts[0], criterion, lens=lens, max_new_tokens=2)
-        generate_early_exit(model, prompts[0], None, lens=lens, max_new_tokens=2)
+        generate_early_exit(model, prompts[0], None, lens=default_lens, max_new_tokens=2)
+        for criterion, crit_lens in runs.values():
+            generate_early_exit(model, prompts[0], criterion, lens=crit_lens, max_new_tokens=2)
+    names = ["full", *runs]
     rows = []
     for i, prompt in enumerate(prompts):
-        runs = {}
-        order = ("full", "early_exit") if i % 2 == 0 else ("early_exit", "full")
-        for name in order:
-            runs[name] = generate_early_exit(
-                model,
-                prompt,
-                None if name == "full" else criterion,
-                lens=lens,
-                max_new_tokens=max_new_tokens,
+        shift = i % len(names)
+        done = {}
+        for name in names[shift:] + names[:shift]:
+            criterion, crit_lens = (None, default_lens) if name == "full" else runs[name]
+            done[name] = generate_early_exit(
+                model, prompt, criterion, lens=crit_lens, max_new_tokens=max_new_tokens
             )
-        full, ee = runs["full"], runs["early_exit"]
+        full = done["full"]
         n = len(full.token_ids)
-        agree = sum(a == b for a, b in zip(full.token_ids, ee.token_ids, strict=True))
-        pairs = zip(full.token_ids, ee.token_ids, strict=True)
-        prefix = next((j for j, (a, b) in enumerate(pairs) if a != b), n)
-        same, eligible = _same_prefix_agreement(model, ee)
-        rows.append(
-            {
-                "prompt": i,
-                "prompt_tokens": len(full.prompt_ids),
-                "n_tokens": n,
-                "seconds_full": full.seconds,
-                "seconds_early_exit": ee.seconds,
-                "agree": agree,
-                "exact": full.token_ids == ee.token_ids,
-                "tokens_before_divergence": prefix,
-                "same_prefix_agree": same,
-                "n_eligible": eligible,
-                "mean_layers": ee.mean_layers,
-            }
-        )
-    settings = {"criterion": repr(criterion), "lens": lens.kind, "max_new_tokens": max_new_tokens}
+        for name in runs:
+            ee = done[name]
+            pairs = list(zip(full.token_ids, ee.token_ids, strict=True))
+            same, eligible = _same_prefix_agreement(model, ee)
+            rows.append(
+                {
+                    "criterion": name,
+                    "prompt": i,
+                    "prompt_tokens": len(full.prompt_ids),
+                    "n_tokens": n,
+                    "seconds_full": full.seconds,
+                    "seconds_early_exit": ee.seconds,
+                    "agree": sum(a == b for a, b in pairs),
+                    "exact": full.token_ids == ee.token_ids,
+                    "tokens_before_divergence": next(
+                        (j for j, (a, b) in enumerate(pairs) if a != b), n
+                    ),
+                    "same_prefix_agree": same,
+                    "n_eligible": eligible,
+                    "mean_layers": ee.mean_layers,
+                }
+            )
+    settings = {
+        "criteria": {name: f"{c!r} / {l.kind} lens" for name, (c, l) in runs.items()},
+        "max_new_tokens": max_new_tokens,
+    }
     return GenerationBenchmark(pd.DataFrame(rows), hooked.n_layers(model), settings)
 
 

@@ -7,7 +7,7 @@ per-layer signal; writes the curves (``curves.csv``), the layers-saved table
 
 Part 2, the real early-exit decoder: greedy decoding that stops at the exit layer (skipped layers'
 K/V from the copied exit state), timed against full greedy decoding with the same code
-(``generation.json``, ``generation_per_prompt.csv``). The criterion's θ defaults to the
+(``generation.csv``, ``generation_per_prompt.csv``). The criterion's θ defaults to the
 simulation's best θ reaching ``--gen-target`` Precision@1 for that criterion and lens.
 
     nice -n 10 python experiments/early_exit.py --linear-lens /work/runs/early_exit/linear200 \\
@@ -32,6 +32,7 @@ from beyond_top1.early_exit import (
     early_exit_curves,
     layers_saved_table,
     load_exit_signals,
+    simulate_exit,
 )
 from beyond_top1.figures import plot_early_exit_curves, save_figure
 from beyond_top1.generation import benchmark_early_exit
@@ -58,11 +59,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gen-prompts", type=int, default=20)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--gen-prompt-words", type=int, default=24)
-    p.add_argument("--gen-criterion", default="margin")
-    p.add_argument("--gen-lens", default="linear")
-    p.add_argument("--gen-theta", type=float, help="default: the simulation's θ at --gen-target")
+    p.add_argument(
+        "--gen",
+        action="append",
+        help="criterion:lens[:theta[:min_layer]], repeatable (default margin:linear); theta "
+        "defaults to the simulation's θ reaching --gen-target Precision@1",
+    )
     p.add_argument("--gen-target", type=float, default=0.95)
-    p.add_argument("--gen-min-layer", type=int, default=0)
     p.add_argument("--gen-threads", type=int, default=1, help="torch threads while decoding")
     return p.parse_args()
 
@@ -99,6 +102,58 @@ def train_probe(model, args: argparse.Namespace, folder: Path):
     }
     (folder / "probe.json").write_text(json.dumps(info, indent=1, default=str))
     return probe, info
+
+
+def parse_gen_spec(spec: str) -> tuple[str, str, float | None, int]:
+    """``criterion:lens[:theta[:min_layer]]`` (empty theta: the table's θ at --gen-target)."""
+    parts = spec.split(":")
+    if not 2 <= len(parts) <= 4:
+        raise SystemExit(f"--gen {spec!r}: use criterion:lens[:theta[:min_layer]]")
+    theta = float(parts[2]) if len(parts) > 2 and parts[2] else None
+    min_layer = int(parts[3]) if len(parts) > 3 else 0
+    return parts[0], parts[1], theta, min_layer
+
+
+def run_generation(model, lenses, probe, signals, table, args, out: Path) -> list[dict]:
+    """The real decoder for every --gen spec, timed against full greedy decoding."""
+    tag = f"theta_at_{round(100 * args.gen_target):d}"
+    criteria, simulated = {}, {}
+    for spec in args.gen or ["margin:linear"]:
+        method, lens, theta, min_layer = parse_gen_spec(spec)
+        if theta is None:
+            row = table[(table.method == method) & (table.lens == lens)]
+            theta = float(row[tag].iloc[0]) if len(row) else float("nan")
+            if theta != theta:  # NaN: the target is not reached on the grid
+                print(f"skipping {spec}: it does not reach {args.gen_target:.0%} Precision@1")
+                continue
+        name = f"{method}/{lens}/θ={theta:g}/min_layer={min_layer}"
+        criterion = make_criterion(
+            method, theta, min_layer=min_layer, probe=probe, n_avg=signals.mean_input_length()
+        )
+        criteria[name] = (criterion, lenses[lens])
+        sim = simulate_exit(signals, method, lens, theta, min_layer=min_layer)
+        simulated[name] = {
+            "simulated_precision_at_1": sim.precision_at_1,
+            "simulated_accuracy": sim.accuracy,
+            "simulated_mean_layers": sim.mean_layers,
+        }
+    prompts = prompts_from_texts(
+        bt.wiki_texts(args.gen_prompts, split="val", seed=args.seed + 1), args.gen_prompt_words
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.gen_threads)  # batch-1 decoding: small ops
+    try:
+        bench = benchmark_early_exit(model, prompts, criteria, max_new_tokens=args.gen_tokens)
+    finally:
+        torch.set_num_threads(threads)
+    bench.per_prompt.to_csv(out / "generation_per_prompt.csv", index=False)
+    frame = bench.summary()
+    for key in ("simulated_precision_at_1", "simulated_accuracy", "simulated_mean_layers"):
+        frame[key] = [simulated[name][key] for name in frame["criterion"]]
+    frame["threads"] = args.gen_threads
+    frame.to_csv(out / "generation.csv", index=False)
+    print(bench)
+    return frame.to_dict(orient="records")
 
 
 def main() -> None:
@@ -177,41 +232,7 @@ def main() -> None:
             )
 
     if not args.skip_generation:
-        theta = args.gen_theta
-        if theta is None:
-            tag = f"theta_at_{round(100 * args.gen_target):d}"
-            row = table[(table.method == args.gen_criterion) & (table.lens == args.gen_lens)]
-            theta = float(row[tag].iloc[0])
-            if theta != theta:  # NaN: the target is not reached
-                raise SystemExit(f"{args.gen_criterion}/{args.gen_lens} never reaches the target")
-        criterion = make_criterion(
-            args.gen_criterion,
-            theta,
-            min_layer=args.gen_min_layer,
-            probe=probe,
-            n_avg=signals.mean_input_length(),
-        )
-        prompts = prompts_from_texts(
-            bt.wiki_texts(args.gen_prompts, split="val", seed=args.seed + 1),
-            args.gen_prompt_words,
-        )
-        threads = torch.get_num_threads()
-        torch.set_num_threads(args.gen_threads)  # batch-1 decoding: small ops
-        try:
-            bench = benchmark_early_exit(
-                model,
-                prompts,
-                criterion,
-                lens=lenses[args.gen_lens],
-                max_new_tokens=args.gen_tokens,
-            )
-        finally:
-            torch.set_num_threads(threads)
-        bench.per_prompt.to_csv(out / "generation_per_prompt.csv", index=False)
-        gen = {**bench.summary(), "theta": theta, "threads": args.gen_threads}
-        (out / "generation.json").write_text(json.dumps(gen, indent=1))
-        summary["generation"] = gen
-        print(bench)
+        summary["generation"] = run_generation(model, lenses, probe, signals, table, args, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"wrote {out}")
 

@@ -197,14 +197,20 @@ def test_layer_state_margin_and_fixed_exit(small_model):
 
 def test_benchmark_with_a_never_firing_criterion_agrees_fully(tiny_model):
     bench = benchmark_early_exit(
-        tiny_model, ["The cat sat on", "Paris is the"], NeverExit(), max_new_tokens=6
+        tiny_model,
+        ["The cat sat on", "Paris is the"],
+        {"never": NeverExit(), "layer0": FixedLayerExit(0)},
+        max_new_tokens=6,
     )
-    summary = bench.summary()
-    assert summary["agreement"] == 1.0 and summary["exact_sequences"] == 1.0
-    assert summary["same_prefix_agreement"] == 1.0
-    assert summary["new_tokens"] == 12
-    assert summary["mean_layers"] == hooked.n_layers(tiny_model)
-    assert summary["speedup"] > 0
+    summary = bench.summary().set_index("criterion")
+    never = summary.loc["never"]
+    assert never.agreement == 1.0 and never.exact_sequences == 1.0
+    assert never.same_prefix_agreement == 1.0
+    assert never.new_tokens == 12 and never.prompts == 2
+    assert never.mean_layers == hooked.n_layers(tiny_model)
+    assert summary.loc["layer0"].mean_layers == 1.0
+    assert summary.loc["layer0"].fraction_layers_saved == pytest.approx(2 / 3)
+    assert len(bench.per_prompt) == 4 and "never" in repr(bench)
 
 
 def test_probe_exit_uses_the_probe_on_the_new_token(small_model):
