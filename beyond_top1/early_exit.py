@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +327,61 @@ def collect_exit_signals(
             "n_texts": n_texts,
             "probe": type(probe).__name__ if probe is not None else None,
         },
+    )
+
+
+def with_probe(
+    signals: ExitSignals,
+    model,
+    texts: Iterable[str],
+    probe,
+    *,
+    batch_size: int = 8,
+    max_len: int | None = None,
+    progress: bool = True,
+) -> ExitSignals:
+    """``signals`` with the probe's per-layer predictions recomputed for another ``probe``.
+
+    Only a forward pass (no lens read-outs): trying a new probe costs a fraction of
+    :func:`collect_exit_signals`. ``texts``, ``batch_size`` and ``max_len`` must be those the
+    signals were collected with (checked position by position).
+    """
+    L = signals.n_layers
+    tasks, settled, keys = [], [], []
+    batches = stream_residuals(
+        model,
+        texts,
+        layers=tuple(range(L)),
+        batch_size=batch_size,
+        max_len=max_len,
+        progress=progress,
+    )
+    for batch in batches:
+        keep = batch.next_token_ids >= 0
+        if not bool(keep.any()):
+            continue
+        t, p = _probe_signals(probe, batch.resid[keep])
+        tasks.append(t)
+        if p is not None:
+            settled.append(p)
+        keys.append(
+            np.stack(
+                [batch.text_ids[keep].cpu().numpy(), batch.positions[keep].cpu().numpy()], axis=1
+            )
+        )
+    keys = np.concatenate(keys) if keys else np.zeros((0, 2), dtype=np.int64)
+    if keys.shape[0] != len(signals) or not np.array_equal(
+        keys, np.stack([signals.text_id, signals.pos], axis=1)
+    ):
+        raise ValueError(
+            "these texts/batch settings do not give the positions the signals were collected "
+            "on; pass the same texts, batch_size and max_len"
+        )
+    return replace(
+        signals,
+        probe_task=np.concatenate(tasks),
+        probe_settled=np.concatenate(settled) if settled else None,
+        settings={**signals.settings, "probe": type(probe).__name__},
     )
 
 
@@ -668,4 +723,5 @@ __all__ = [
     "probe_settled_probability",
     "simulate_exit",
     "two_proportion_ztest",
+    "with_probe",
 ]

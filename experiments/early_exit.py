@@ -33,6 +33,7 @@ from beyond_top1.early_exit import (
     layers_saved_table,
     load_exit_signals,
     simulate_exit,
+    with_probe,
 )
 from beyond_top1.figures import plot_early_exit_curves, save_figure
 from beyond_top1.generation import benchmark_early_exit
@@ -50,11 +51,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--linear-lens", help="saved linear-shortcut lens (default: fit on 200 train)")
     p.add_argument("--tuned-lens", help="saved tuned lens (optional)")
     p.add_argument("--probe", help="task probe (.safetensors or pickle); default: train one")
-    p.add_argument("--probe-texts", type=int, default=40, help="train texts for the probe")
+    p.add_argument("--probe-texts", type=int, default=120, help="train texts for the probe")
     p.add_argument("--probe-k", type=int, default=3)
     p.add_argument("--probe-max-per-class", type=int, default=300)
     p.add_argument("--m", type=int, default=6, help="better-LM: early means s_2 <= L-1-m")
-    p.add_argument("--reuse-signals", action="store_true", help="reuse OUT/signals if present")
+    p.add_argument(
+        "--reuse-signals",
+        action="store_true",
+        help="reuse OUT/signals (same --n-texts/--max-len/--batch-size); the probe's are redone",
+    )
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--gen-prompts", type=int, default=20)
     p.add_argument("--gen-tokens", type=int, default=32)
@@ -92,11 +97,13 @@ def train_probe(model, args: argparse.Namespace, folder: Path):
         max_per_class=args.probe_max_per_class,
         seed=args.seed,
     )
+    cv = bt.cross_validate_task_probe(data, n_splits=5, seed=args.seed)
     probe = bt.TaskProbe().fit(data)
     probe.save(folder / "probe.safetensors")
     info = {
         "texts": f"wiki_texts({args.probe_texts}, split='train', seed={args.seed})",
         "dataset": data.summary(),
+        "cv": cv.summary(),
         "train_accuracy": float(probe.score(data)),
         "seconds": time.perf_counter() - start,
     }
@@ -172,20 +179,26 @@ def main() -> None:
     if args.tuned_lens:
         lenses["tuned"] = bt.load_lens(args.tuned_lens, model)
     summary: dict = {"args": vars(args)}
+    probe_dir = f"probe_train{args.probe_texts}_k{args.probe_k}"
     if args.probe:
         probe = read_probe(args.probe, model)
-    elif (out / "probe" / "probe.safetensors").is_file():
-        probe = bt.load_probe(out / "probe" / "probe.safetensors", model)
+    elif (out / probe_dir / "probe.safetensors").is_file():  # a finished step
+        probe = bt.load_probe(out / probe_dir / "probe.safetensors", model)
+        summary["probe"] = json.loads((out / probe_dir / "probe.json").read_text())
     elif args.probe_texts > 0:
-        probe, summary["probe"] = train_probe(model, args, out / "probe")
+        probe, summary["probe"] = train_probe(model, args, out / probe_dir)
     else:
         probe = None
 
     signals_dir = out / "signals"
+    texts = bt.wiki_texts(args.n_texts, split="val", seed=args.seed)
     if args.reuse_signals and (signals_dir / "signals.npz").is_file():
-        signals = load_exit_signals(signals_dir)
+        signals = load_exit_signals(signals_dir)  # lens signals; the probe's are recomputed
+        if probe is not None:
+            signals = with_probe(
+                signals, model, texts, probe, batch_size=args.batch_size, max_len=args.max_len
+            )
     else:
-        texts = bt.wiki_texts(args.n_texts, split="val", seed=args.seed)
         start = time.perf_counter()
         signals = collect_exit_signals(
             model,

@@ -502,3 +502,22 @@ def test_best_at_budget_compares_at_equal_compute():
     margin = best[(best.method == "margin") & (best.lens == "logit")].iloc[0]
     assert margin.theta == 0.5 and margin.precision_at_1 == 1.0
     assert best_at_budget(curves, 0.5).empty
+
+
+def test_with_probe_recomputes_only_the_probe_signals(tiny_model, tiny_signals):
+    from beyond_top1.early_exit import with_probe
+
+    signals, texts, _, _ = tiny_signals
+
+    class Other:
+        def predict(self, X):
+            return np.where(np.asarray(X)[:, 1] > 0, 3, 1)
+
+    swapped = with_probe(signals, tiny_model, texts, Other(), batch_size=2, progress=False)
+    assert swapped.top1["logit"] is signals.top1["logit"]  # lens signals are reused
+    assert swapped.probe_task.shape == signals.probe_task.shape
+    assert not np.array_equal(swapped.probe_task, signals.probe_task)
+    again = with_probe(signals, tiny_model, texts, StubProbe(), batch_size=1, progress=False)
+    assert np.array_equal(again.probe_task, signals.probe_task)
+    with pytest.raises(ValueError, match="same texts"):
+        with_probe(signals, tiny_model, texts[:2], Other(), progress=False)
