@@ -99,6 +99,7 @@ _EXIT_COLORS = {
     "cosine": "tab:green",
     "fixed": "tab:gray",
     "probe": "tab:red",
+    "probe_conf": "tab:brown",
     "oracle": "tab:purple",
 }
 _LENS_STYLES = ("-", "--", ":", "-.")
@@ -114,7 +115,7 @@ def plot_early_exit_curves(
     are lines (one per lens: line style), the oracle and the probe are single points, the full
     model is a black star.
     """
-    fig = Figure(figsize=(6.0 * len(metrics), 4.6), layout="constrained")
+    fig = Figure(figsize=(6.0 * len(metrics), 5.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
     lenses = [l for l in dict.fromkeys(curves["lens"]) if l != "-"]
     labels = {"accuracy": "accuracy vs. gold next token", "precision_at_1": "Precision@1"}
@@ -151,7 +152,8 @@ def plot_early_exit_curves(
         ax.set_xlabel("mean layers used")
         ax.set_ylabel(labels.get(metric, metric))
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, ncol=2, loc="lower right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=5, fontsize=7)
     fig.suptitle("Simulated token-level early exit (no compute skipped)", fontsize=10)
     return fig
 
