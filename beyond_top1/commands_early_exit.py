@@ -124,6 +124,8 @@ def prompts_from_texts(texts: list[str], n_words: int) -> list[str]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from beyond_top1.generation import benchmark_early_exit
 
     model = _load(args)
@@ -135,9 +137,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args.criterion, args.theta, min_layer=args.min_layer, probe=probe, n_avg=args.n_avg
     )
     prompts = prompts_from_texts(_texts(args), args.prompt_words)
-    bench = benchmark_early_exit(
-        model, prompts, criterion, lens=lenses[args.lens], max_new_tokens=args.new_tokens
-    )
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        bench = benchmark_early_exit(
+            model, prompts, criterion, lens=lenses[args.lens], max_new_tokens=args.new_tokens
+        )
+    finally:
+        torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bench.per_prompt.to_csv(out / "generation_per_prompt.csv", index=False)
@@ -190,4 +198,7 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--n-avg", type=float, help="confidence_004: N, the mean input length")
     gen.add_argument("--prompt-words", type=int, default=24, help="words per prompt")
     gen.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    gen.add_argument(
+        "--threads", type=int, help="torch threads while decoding (1 is fastest on a busy CPU)"
+    )
     gen.set_defaults(run=_cmd_generate)
