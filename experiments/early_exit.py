@@ -198,6 +198,7 @@ def main() -> None:
             signals = with_probe(
                 signals, model, texts, probe, batch_size=args.batch_size, max_len=args.max_len
             )
+            signals.save(signals_dir)
     else:
         start = time.perf_counter()
         signals = collect_exit_signals(
