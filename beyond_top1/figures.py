@@ -168,15 +168,17 @@ def _labelled(frames) -> dict[str, pd.DataFrame]:
 
 
 def plot_probe_per_layer(
-    per_layer, *, chance: float | None = None, ax: Axes | None = None
+    per_layer, *, chance: float | None = None, min_n: int = 20, ax: Axes | None = None
 ) -> Figure:
     """Task-probe accuracy per layer (out-of-fold) against the shuffled-label baseline.
 
-    ``per_layer``: ``ProbeCV.per_layer``, or ``{label: per_layer}`` (e.g. one per k).
+    ``per_layer``: ``ProbeCV.per_layer``, or ``{label: per_layer}`` (e.g. one per k). Layers
+    with fewer than ``min_n`` held-out rows are left out (their accuracy is noise).
     """
     if ax is None:
         ax = Figure(figsize=(6, 3.5), layout="constrained").subplots()
     for label, frame in _labelled(per_layer).items():
+        frame = frame[frame["n"] >= min_n]
         name = f" ({label})" if label else ""
         line = ax.plot(
             frame["layer"],
@@ -196,7 +198,7 @@ def plot_probe_per_layer(
             )
     if chance is not None:
         ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
-    ax.set_xlabel("layer")
+    ax.set_xlabel(f"layer (layers with >= {min_n} held-out rows)")
     ax.set_ylabel("balanced accuracy (held-out texts)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

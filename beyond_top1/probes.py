@@ -291,7 +291,7 @@ def task_dataset(
     layer_list = [l for l in layer_list if l >= min_layer]
     if not layer_list or layer_list[0] < 0 or layer_list[-1] > L - 1:
         raise ValueError(f"no layers to use: give layers in [0, {L - 1}] at or above min_layer")
-    s = scan.saturation_array()[:, :k]
+    s = np.array(scan.saturation_array()[:, :k], dtype=np.int64)  # a writable copy
     kept = np.flatnonzero(position_filter(torch.as_tensor(s[:, 0]), L, filter_fraction).numpy())
     labels = task_labels(s[kept], layer_list, L)
     available = pd.DataFrame(
@@ -303,6 +303,13 @@ def task_dataset(
         columns=["layer", "task", "count"],
     )
     pick, cols = _select_rows(labels, k, balance, max_per_class, seed)
+    if not len(pick):
+        why = "no layer has all k tasks (balancing needs every task at a layer)" if balance else ""
+        raise ValueError(
+            f"no probe rows for k={k}: {why or 'no labelled (position, layer)'}; "
+            f"{len(kept)} of {len(s)} positions pass the filter. Use a smaller k, more texts, "
+            "a lower min_layer or balance=False"
+        )
     rows = kept[pick]
     row_layers = np.asarray(layer_list, dtype=np.int64)[cols] if len(cols) else cols
     y = labels[pick, cols] if len(pick) else np.zeros(0, np.int64)

@@ -103,17 +103,22 @@ def main(argv=None) -> dict:
             per_layer[f"k={k}"] = pd.DataFrame(entry["per_layer"])
             summary[f"probe_k{k}"] = entry
             continue
-        data = task_dataset(
-            model,
-            scan,
-            texts,
-            k=k,
-            min_layer=args.min_layer,
-            max_per_class=args.max_per_class,
-            features=args.features,
-            seed=args.seed,
-        )
-        cv = cross_validate_task_probe(data, n_splits=args.folds, seed=args.seed, C=args.C)
+        try:
+            data = task_dataset(
+                model,
+                scan,
+                texts,
+                k=k,
+                min_layer=args.min_layer,
+                max_per_class=args.max_per_class,
+                features=args.features,
+                seed=args.seed,
+            )
+            cv = cross_validate_task_probe(data, n_splits=args.folds, seed=args.seed, C=args.C)
+        except ValueError as exc:  # e.g. no layer where all k tasks occur
+            summary[f"probe_k{k}"] = {"error": str(exc)}
+            print(f"k={k}: no probe: {exc}", flush=True)
+            continue
         folder.mkdir(exist_ok=True)
         cv.folds.to_csv(folder / "folds.csv", index=False)
         cv.per_class.to_csv(folder / "per_class.csv", index=False)

@@ -225,6 +225,8 @@ def test_task_dataset_refuses_other_texts_or_model(tiny6, texts):
         task_dataset(make_tiny_model(n_layers=L_TINY, seed=9), scan, texts, progress=False)
     with pytest.raises(ValueError, match="k must be between 2"):
         task_dataset(tiny6, scan, texts, k=4, progress=False)
+    with pytest.raises(ValueError, match="no probe rows for k=3: no layer has all k tasks"):
+        task_dataset(tiny6, scan, texts, k=3, layers=[0], progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
