@@ -35,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
+from beyond_top1.jsonutil import to_jsonable
 from beyond_top1.ranking import lens_topk
 from beyond_top1.saturation import saturation_layers
 
@@ -362,7 +363,7 @@ class InterventionResult:
         self.by_offset().to_csv(directory / "by_offset.csv", index=False)
         self.by_sign().to_csv(directory / "by_sign.csv", index=False)
         (directory / "summary.json").write_text(
-            json.dumps(_jsonable(self.summary()), indent=1) + "\n"
+            json.dumps(to_jsonable(self.summary()), indent=1) + "\n"
         )
         return directory
 
@@ -375,18 +376,6 @@ class InterventionResult:
     def _repr_html_(self) -> str:
         table = self.by_offset().to_html(index=False, float_format="{:.3f}".format)
         return f"<div><b>{self!r}</b>{table}</div>"
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return None if math.isnan(float(value)) else float(value)
-    if isinstance(value, np.integer | np.bool_):
-        return value.item()
-    return value
 
 
 def _rate(flags: pd.Series) -> tuple[int, int, float, float]:

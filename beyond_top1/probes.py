@@ -30,6 +30,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 
 from beyond_top1 import hooked
+from beyond_top1.jsonutil import to_jsonable
 from beyond_top1.saturation import DEFAULT_FILTER_FRACTION, position_filter
 
 EXCLUDED = 0
@@ -696,20 +697,12 @@ class ProbeCV:
             out[f"{name}_mean"], out[f"{name}_se"] = mean_se(column)
         margin = f["balanced_accuracy"] - f["shuffled_balanced_accuracy"]
         out["margin_mean"], out["margin_se"] = mean_se(margin)
-        return {key: _jsonable(value) for key, value in out.items()}
+        return {key: to_jsonable(value) for key, value in out.items()}
 
     def _repr_html_(self) -> str:
         summary = pd.Series(self.summary(), name="value").to_frame().to_html()
         per_class = self.per_class.to_html(index=False, float_format="{:.3f}".format)
         return f"<div><b>Task-probe cross-validation</b>{summary}<b>Per task</b>{per_class}</div>"
-
-
-def _jsonable(value):
-    if isinstance(value, float | np.floating):
-        return None if math.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:

@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from beyond_top1.jsonutil import to_jsonable
+
 DEFAULT_FILTER_FRACTION = 0.85
 DEFAULT_PERMUTATIONS = 1000
 MIN_KEPT_RANKS = 3
@@ -176,7 +178,7 @@ class OrderingStats:
         out = asdict(self)
         out.pop("rank_correspondence")
         out.pop("distribution")
-        return {key: _jsonable(value) for key, value in out.items()}
+        return {key: to_jsonable(value) for key, value in out.items()}
 
     def to_frame(self) -> pd.DataFrame:
         """One-column table of the scalar statistics."""
@@ -186,14 +188,6 @@ class OrderingStats:
         table = self.to_frame().to_html()
         corr = self.rank_correspondence.to_html(index=False, float_format="{:.3f}".format)
         return f"<div><b>Ordering statistics</b>{table}<b>Rank correspondence</b>{corr}</div>"
-
-
-def _jsonable(value):
-    if isinstance(value, float | np.floating):
-        return None if math.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def rank_correspondence(s: Int[Tensor, "n k"], k_kept: Int[Tensor, " n"]) -> pd.DataFrame:
