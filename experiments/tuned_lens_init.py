@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         settings.update(max_len=32, n_init_texts=16, n_heldout_texts=4, tokens_per_layer=64)
     histories = {}
     for init in ("linear", "zero"):
-        lens, history = train_tuned_lens(model, texts, init=init, **settings)
+        lens, history = train_tuned_lens(model, texts, init=init, progress=False, **settings)
         history.to_csv(out / f"history_{init}.csv", index=False)
         histories[init] = history
         run = lens.training_settings
