@@ -85,6 +85,7 @@ def _cmd_fit_lens(args: argparse.Namespace) -> int:
         overrides = {"max_steps": args.max_steps, "lr": args.lr, "seed": args.seed}
         if args.time_limit is not None:
             overrides["time_limit_s"] = args.time_limit
+            overrides["clock"] = args.clock
         lens, history = train_tuned_lens(
             model,
             texts,
@@ -162,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-steps", type=int, default=60, help="tuned: training steps")
     fit.add_argument("--lr", type=float, default=4e-3, help="tuned: Adam lr per unit residual RMS")
     fit.add_argument("--time-limit", type=float, help="tuned: stop after this many seconds")
+    fit.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="tuned: what --time-limit counts; cpu = CPU seconds per torch thread, i.e. idle-"
+        "machine wall time (default: %(default)s)",
+    )
     fit.set_defaults(run=_cmd_fit_lens)
 
     ev = commands.add_parser("eval-lens", help="per-layer metrics of lenses on held-out texts")

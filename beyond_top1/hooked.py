@@ -8,7 +8,9 @@ surface this small is what lets the toolkit follow TransformerLens from ``Hooked
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
 import torch
 from jaxtyping import Float, Int
@@ -434,3 +436,28 @@ def run_from_layer(
         raise ValueError("running from a layer is not supported for shortformer positions")
     with torch.no_grad():
         return model.run_with_hooks(resid_pre, start_at_layer=layer, fwd_hooks=list(fwd_hooks))
+# --- lensexp: tuned-lens training ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def frozen(model) -> Iterator[None]:
+    """Within the block no model parameter requires grad (restored on exit).
+
+    Training a lens backpropagates through the final norm and unembedding; without this the
+    model's own ``W_U.grad`` would be computed (a third of the cost) and left on the model.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def unembedding_weights(
+    model,
+) -> tuple[Float[Tensor, "d_model d_vocab"], Float[Tensor, " d_vocab"]]:
+    """``(W_U, b_U)``, detached (e.g. to keep one low-precision copy for training)."""
+    return model.W_U.detach(), model.b_U.detach()

@@ -108,3 +108,49 @@ def test_tuned_lens_save_load_round_trip(tiny_model, tmp_path):
     h = torch.randn(3, tiny_model.cfg.d_model)
     for layer in range(tiny_model.cfg.n_layers):
         assert torch.equal(loaded(h, layer), tuned(h, layer))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kl_matches_autograd(dtype):
+    from beyond_top1.lenses.tuned import _FusedKL, _kl, _Target
+
+    g = torch.Generator().manual_seed(0)
+    log_p = (3 * torch.randn(6, 50, generator=g)).log_softmax(-1)
+    z = (3 * torch.randn(6, 50, generator=g)).to(dtype)
+    target = _Target(log_p)
+    z_ref = z.float().clone().requires_grad_(True)
+    _kl(log_p, z_ref).backward()
+    z_fused = z.clone().requires_grad_(True)
+    loss = _FusedKL.apply(z_fused, target.p, target.mass, target.neg_entropy)
+    loss.backward()
+    assert z_fused.grad.dtype == dtype
+    torch.testing.assert_close(loss, _kl(log_p, z.float()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z_fused.grad.float(), z_ref.grad, rtol=1e-2, atol=1e-5)
+
+
+def test_training_leaves_the_model_untouched_and_obeys_the_time_limit(tiny_model):
+    flags = [p.requires_grad for p in tiny_model.parameters()]
+    kwargs = dict(init="zero", batch_size=4, n_heldout_texts=3, max_len=32, progress=False)
+    lens, history = train_tuned_lens(tiny_model, TEXTS, max_steps=2, eval_every=1, **kwargs)
+    assert [p.requires_grad for p in tiny_model.parameters()] == flags
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert list(history.step.unique()) == [0, 1, 2] and lens.training_settings["steps"] == 2
+    assert {"seconds", "wall_seconds", "cpu_seconds"} <= set(history.columns)
+    # A limit already spent at the first step: no step is taken, the lens is its init.
+    lens, history = train_tuned_lens(tiny_model, TEXTS, time_limit_s=0.0, clock="cpu", **kwargs)
+    assert lens.training_settings["steps"] == 0 and list(history.step.unique()) == [0]
+    assert torch.equal(lens.weight, torch.zeros_like(lens.weight))
+    with pytest.raises(ValueError, match="clock must be"):
+        train_tuned_lens(tiny_model, TEXTS, clock="gpu", **kwargs)
+
+
+def test_training_a_subset_of_layers_leaves_the_others_at_init(tiny_model):
+    kwargs = dict(init="zero", max_steps=3, batch_size=4, eval_every=1, lr=1e-2, max_len=32)
+    lens, history = train_tuned_lens(
+        tiny_model, TEXTS, layers=[1], n_heldout_texts=3, progress=False, **kwargs
+    )
+    assert set(history.layer) == {1} and lens.training_settings["trained_layers"] == [1]
+    assert torch.equal(lens.weight[0], torch.zeros_like(lens.weight[0]))
+    assert lens.weight[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="subset of the translated layers"):
+        train_tuned_lens(tiny_model, TEXTS, layers=[2], progress=False)
