@@ -7,6 +7,18 @@ tuned), top-k saturation events, task-index probes, task-shift interventions and
 from beyond_top1.activations import ResidualBatch, stream_residuals
 from beyond_top1.assets import AssetMissingError
 from beyond_top1.data import load_texts, tokenize, wiki_texts
+from beyond_top1.early_exit import (
+    BetterLMResult,
+    ExitResult,
+    ExitSignals,
+    better_language_modeling,
+    collect_exit_signals,
+    early_exit_curves,
+    layers_saved_table,
+    load_exit_signals,
+    simulate_exit,
+)
+from beyond_top1.generation import GenerationBenchmark, benchmark_early_exit, generate_early_exit
 from beyond_top1.interventions import InterventionResult, find_pairs, intervene
 from beyond_top1.lenses import (
     Lens,
@@ -62,6 +74,18 @@ from beyond_top1.viz import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BetterLMResult",
+    "ExitResult",
+    "ExitSignals",
+    "GenerationBenchmark",
+    "benchmark_early_exit",
+    "better_language_modeling",
+    "collect_exit_signals",
+    "early_exit_curves",
+    "generate_early_exit",
+    "layers_saved_table",
+    "load_exit_signals",
+    "simulate_exit",
     "DEFAULT_MODEL",
     "OFFLINE_MODELS",
     "AssetMissingError",

@@ -175,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_cmd_eval_lens)
 
     from beyond_top1 import commands_probes, commands_scan
+    from beyond_top1.commands_early_exit import add_parser as add_early_exit  # issue 6
 
     commands_scan.add_parser(commands)
+    add_early_exit(commands)
     commands_probes.add_parser(commands)
     return parser
 

@@ -273,6 +273,77 @@ __all__ = [
 __all__ = ["plot_lens_metric", "plot_lens_metrics", "plot_quality_of_fit", "save_figure"]
 
 
+# ---------------------------------------------------------------------------------------------
+# Early exit (issue 6)
+# ---------------------------------------------------------------------------------------------
+
+_EXIT_COLORS = {
+    "margin": "tab:blue",
+    "confidence_004": "tab:orange",
+    "cosine": "tab:green",
+    "fixed": "tab:gray",
+    "probe": "tab:red",
+    "probe_conf": "tab:brown",
+    "oracle": "tab:purple",
+}
+_LENS_STYLES = ("-", "--", ":", "-.")
+_LENS_MARKERS = ("o", "s", "^", "D")
+
+
+def plot_early_exit_curves(
+    curves: pd.DataFrame, metrics: tuple[str, ...] = ("accuracy", "precision_at_1")
+) -> Figure:
+    """Accuracy (and Precision@1) against mean layers used for every method and lens.
+
+    ``curves`` comes from :func:`beyond_top1.early_exit.early_exit_curves`. Threshold methods
+    are lines (one per lens: line style), the oracle and the probe are single points, the full
+    model is a black star.
+    """
+    fig = Figure(figsize=(6.0 * len(metrics), 5.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
+    lenses = [l for l in dict.fromkeys(curves["lens"]) if l != "-"]
+    labels = {"accuracy": "accuracy vs. gold next token", "precision_at_1": "Precision@1"}
+    for ax, metric in zip(axes, metrics, strict=True):
+        for (method, lens), group in curves[curves["method"] != "full"].groupby(
+            ["method", "lens"], sort=False
+        ):
+            i = lenses.index(lens) % len(_LENS_STYLES)
+            color = _EXIT_COLORS.get(method, None)
+            group = group.sort_values("mean_layers")
+            if len(group) > 1:
+                ax.plot(
+                    group["mean_layers"],
+                    group[metric],
+                    linestyle=_LENS_STYLES[i],
+                    color=color,
+                    linewidth=1.3,
+                    label=f"{method} / {lens}",
+                )
+            else:
+                ax.plot(
+                    group["mean_layers"],
+                    group[metric],
+                    linestyle="none",
+                    marker=_LENS_MARKERS[i],
+                    markersize=7,
+                    color=color,
+                    label=f"{method} / {lens}",
+                )
+        full = curves[curves["method"] == "full"]
+        ax.plot(
+            full["mean_layers"], full[metric], "k*", markersize=12, label="full model (no exit)"
+        )
+        ax.set_xlabel("mean layers used")
+        ax.set_ylabel(labels.get(metric, metric))
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=5, fontsize=7)
+    fig.suptitle("Simulated token-level early exit (no compute skipped)", fontsize=10)
+    return fig
+
+
+__all__ += ["plot_early_exit_curves"]
+
 # --- task probes and interventions (issue 5, task: probes) ----------------------------------------
 
 

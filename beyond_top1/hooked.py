@@ -126,6 +126,135 @@ def unembedding_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------
+# Early exit (issue 6): step-by-step decoding with a key/value cache
+# ---------------------------------------------------------------------------------------------
+
+
+def check_stepwise_decoding(model) -> None:
+    """Raise if ``model``'s architecture is outside what the block-by-block decoder supports."""
+    cfg = model.cfg
+    problems = []
+    if cfg.positional_embedding_type == "shortformer":
+        problems.append("shortformer positional embeddings")
+    if getattr(cfg, "original_architecture", None) in _POST_NORM_ARCHITECTURES:
+        problems.append(f"post-norm architecture {cfg.original_architecture}")
+    if cfg.attention_dir != "causal":
+        problems.append("bidirectional attention")
+    if problems:
+        raise NotImplementedError(
+            "early-exit decoding supports pre-norm causal decoders; this model has "
+            + ", ".join(problems)
+        )
+
+
+_POST_NORM_ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def new_kv_cache(model, batch_size: int = 1):
+    """An empty TransformerLens key/value cache (one entry per block)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    return TransformerLensKeyValueCache.init_cache(model.cfg, model_device(model), batch_size)
+
+
+def cache_length(cache) -> int:
+    """Positions held in ``cache`` (block 0's entry, which every step computes)."""
+    return int(cache[0].past_keys.shape[1])
+
+
+def embed_step(
+    model, tokens: Int[Tensor, "batch pos"], cache
+) -> tuple[Float[Tensor, "batch pos d_model"], Int[Tensor, "batch offset_pos"]]:
+    """Embed new ``tokens`` after the positions in ``cache`` (no padding).
+
+    Returns the residual stream entering block 0 and the attention mask over all positions
+    (cache + new), which the blocks need. The cache's mask is extended once, here.
+    """
+    mask = torch.ones_like(tokens)
+    residual, _, _, attention_mask = model.input_to_embed(
+        tokens, attention_mask=mask, past_kv_cache=cache
+    )
+    return residual, attention_mask
+
+
+def run_block(
+    model,
+    layer: int,
+    resid: Float[Tensor, "batch pos d_model"],
+    cache,
+    attention_mask: Int[Tensor, "batch offset_pos"],
+) -> Float[Tensor, "batch pos d_model"]:
+    """Block ``layer`` on the new positions; appends their keys/values to ``cache[layer]``."""
+    return model.blocks[layer](
+        resid, past_kv_cache_entry=cache[layer], attention_mask=attention_mask
+    )
+
+
+def append_kv_from_resid(
+    model,
+    layer: int,
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    cache,
+    attention_mask: Int[Tensor, "batch offset_pos"],
+    *,
+    fast: bool = True,
+) -> None:
+    """Append to ``cache[layer]`` the keys/values block ``layer`` would compute from
+    ``resid_pre`` (its input residual), without running the rest of the block.
+
+    Fast path (plain pre-norm attention): ``ln1`` then the K and V projections only, the same
+    ops TransformerLens' attention uses (keys are cached before rotary, as TL does). Other
+    configurations (or ``fast=False``) run the block's attention on ``ln1(resid_pre)`` and
+    discard its output.
+    """
+    block = model.blocks[layer]
+    attn = block.attn
+    cfg = model.cfg
+    x = block.ln1(resid_pre)
+    plain = fast and not (
+        cfg.use_split_qkv_input
+        or cfg.use_attn_in
+        or getattr(cfg, "use_qk_norm", False)
+        or getattr(cfg, "clip_qkv", None) is not None
+        or getattr(cfg, "load_in_4bit", False)
+        or getattr(cfg, "original_architecture", None)
+        in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+    )
+    if not plain:
+        attn(
+            query_input=x,
+            key_input=x,
+            value_input=x,
+            past_kv_cache_entry=cache[layer],
+            attention_mask=attention_mask,
+        )
+        return
+    grouped = hasattr(attn, "_W_K") and not cfg.ungroup_grouped_query_attention
+    w_k, b_k = (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
+    w_v, b_v = (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
+    k = _head_linear(x, w_k, b_k)
+    v = _head_linear(x, w_v, b_v)
+    cache[layer].append(k, v)
+
+
+def _head_linear(
+    x: Float[Tensor, "batch pos d_model"],
+    w: Float[Tensor, "head d_model d_head"],
+    b: Float[Tensor, "head d_head"],
+) -> Float[Tensor, "batch pos head d_head"]:
+    """TransformerLens' ``simple_attn_linear``: one fused ``F.linear`` over all heads."""
+    heads, d_model_, d_head = w.shape
+    weight = w.permute(0, 2, 1).reshape(heads * d_head, d_model_)
+    out = torch.nn.functional.linear(x, weight, b.reshape(heads * d_head))
+    return out.reshape(x.shape[0], x.shape[1], heads, d_head)
+
+
+def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+    """The model's own logits from the last block's output (final norm + unembedding)."""
+    return unembed(model, final_norm(model, resid))
+
+
 # --- hooks package (issue 5, task: hooks) -------------------------------------------------------
 
 
