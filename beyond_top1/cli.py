@@ -174,11 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_args(ev, n_texts=200, split="val")
     ev.set_defaults(run=_cmd_eval_lens)
 
-    from beyond_top1 import commands_probes, commands_scan
+    from beyond_top1 import commands_probes, commands_reproduce, commands_scan
     from beyond_top1.commands_early_exit import add_parser as add_early_exit  # issue 6
 
     commands_scan.add_parser(commands)
     add_early_exit(commands)
+    commands_reproduce.add_parser(commands)  # issue 7
     commands_probes.add_parser(commands)
     return parser
 
