@@ -283,8 +283,8 @@ def test_an_interrupted_scan_continues_from_its_last_shard(tmp_path, monkeypatch
         ctx.scan_texts()[0],
         k=5,
         batch_size=1,
-        max_len=24,
-        precision="bf16",
+        max_len=scale.max_len,
+        precision=scale.precision,
         progress=False,
     )
     assert full.saturation.equals(fresh.saturation)
