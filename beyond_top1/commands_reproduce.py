@@ -44,19 +44,47 @@ def add_parser(commands) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: torch's; 1 helps on a busy box)"
+        "--threads",
+        default="auto",
+        help="torch CPU threads, or 'auto' (default): one thread when other work keeps the "
+        "CPUs busy (1-minute load average >= 1), where torch's threads would wait on each "
+        "other and run several times slower; torch's default otherwise",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=_cmd_reproduce)
 
 
+def choose_threads(setting: str | int | None) -> tuple[int | None, str]:
+    """``(threads or None for torch's default, why)`` for ``--threads``."""
+    import os
+
+    if setting in (None, "", "auto"):
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not on every platform
+            return None, ""
+        if load >= 1.0:
+            return 1, f"auto: load average {load:.1f}, other work is running; --threads N to set"
+        return None, ""
+    try:
+        threads = int(setting)
+    except ValueError:
+        raise ValueError(f"--threads takes a number or 'auto', got {setting!r}") from None
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    return threads, "--threads"
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from beyond_top1.reproduce import parse_override, reproduce
 
-    if args.threads:
+    threads, why = choose_threads(args.threads)
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
+    if why:
+        print(f"torch threads: {threads} ({why})")
     overrides = dict(parse_override(item) for item in args.set)
     twins = [] if args.no_twins else args.twin
     result = reproduce(

@@ -66,8 +66,10 @@ def kernel_env(tmp_path_factory):
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "MPLBACKEND": "Agg",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        # Small batches: one thread loses little, and on a busy 2-core box torch's two
+        # threads wait on each other and run several times slower.
+        "OMP_NUM_THREADS": "1",
     }
 
 
@@ -102,6 +104,14 @@ def test_notebook_runs_top_to_bottom(path, kernel_env, tmp_path, monkeypatch):
         for output in cell.get("outputs", [])
         if "text/html" in output.get("data", {})
     ]
+    images = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert images, "the matplotlib figures did not render inline"
     if path.stem == "01_quickstart":
         assert any("CircuitsVis.render(" in h for h in html)
         assert not any("unpkg.com" in h for h in html)
