@@ -961,7 +961,10 @@ class _Context:
                 model, n_items=s.refinement_items, positions=5, seed=self.seed
             )
             save_questions(questions, folder / "questions.jsonl")
-            frame = read_questions(model, questions, lenses, progress=self.progress)
+            try:
+                frame = read_questions(model, questions, lenses, progress=self.progress)
+            except ValueError as exc:  # e.g. prompts longer than a small model's context
+                raise StageUnavailable(f"refinement gap: {exc}") from None
             _write_csv(frame, folder / "answers.csv")
             table = refinement_table(frame)
             _write_csv(table, folder / "refinement.csv")

@@ -292,6 +292,11 @@ def _ordering(report: Report, records: Mapping[str, StageRecord], settings: Mapp
         return
     table = _csv(record.directory, "ordering.csv")
     if table is not None:
+        if "n_permutations" in table.columns:
+            table["p_value"] = [
+                _p(p, n).removeprefix("p = ").removeprefix("p ")
+                for p, n in zip(table["p_value"], table["n_permutations"], strict=True)
+            ]
         present = [c for c in ORDERING_COLUMNS if c in table.columns]
         sec.table(table[present].rename(columns=ORDERING_COLUMNS), "Ordering statistics (001)")
     figures = record.directory / "figures"
