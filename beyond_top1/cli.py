@@ -182,11 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_args(ev, n_texts=200, split="val")
     ev.set_defaults(run=_cmd_eval_lens)
 
-    from beyond_top1 import commands_early_exit, commands_probes, commands_scan
+    from beyond_top1 import (
+        commands_early_exit,
+        commands_probes,
+        commands_reproduce,
+        commands_scan,
+    )
 
     commands_scan.add_parser(commands)
     commands_probes.add_parser(commands)
     commands_early_exit.add_parser(commands)
+    commands_reproduce.add_parser(commands)
     return parser
 
 

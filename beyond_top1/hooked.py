@@ -436,6 +436,8 @@ def run_from_layer(
         raise ValueError("running from a layer is not supported for shortformer positions")
     with torch.no_grad():
         return model.run_with_hooks(resid_pre, start_at_layer=layer, fwd_hooks=list(fwd_hooks))
+
+
 # --- lensexp: tuned-lens training ------------------------------------------------------------
 
 

@@ -81,3 +81,15 @@ def smollm2():
     from beyond_top1.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_reproduction(tmp_path_factory):
+    """``reproduce`` at the test scale on a 6-layer tiny model and a LayerNorm twin (~20 s)."""
+    from beyond_top1.reproduce import reproduce
+
+    model = make_tiny_model(n_layers=6)
+    twin = make_tiny_model(normalization="LN", seed=1)
+    out = tmp_path_factory.mktemp("reproduce") / "run"
+    result = reproduce(model, out, scale="test", twins={"tiny-ln": twin}, progress=False, log=None)
+    return result, model, twin

@@ -140,3 +140,62 @@ def test_circuitsvis_local_src_renders_offline_but_cdn_does_not(chromium, tmp_pa
     assert "alpha" in ok.text and "beta" in ok.text and ok.n_elements >= 2
     (dead,) = browser.mounted_components(browser.render_dom(cdn))
     assert dead.n_elements == 0 and "alpha" not in dead.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The reproduction report (beyond-top1 reproduce), built on tiny models
+# ---------------------------------------------------------------------------------------------
+
+_PROBE = """<script>window.addEventListener('load', function(){
+var imgs=document.querySelectorAll('figure.bt-figure img'), ok=0;
+imgs.forEach(function(i){ if(i.complete && i.naturalWidth>100 && i.naturalHeight>100) ok++; });
+var b=document.body;
+b.setAttribute('data-images', imgs.length);
+b.setAttribute('data-images-ok', ok);
+b.setAttribute('data-tables', document.querySelectorAll('table.bt-table').length);
+});</script>"""
+
+
+def _body_attrs(dom: str) -> dict[str, str]:
+    import re
+
+    match = re.search(r"<body([^>]*)>", dom)
+    assert match, dom[:500]
+    return dict(re.findall(r'(data-[\w-]+)="([^"]*)"', match.group(1)))
+
+
+def test_report_renders_figures_tables_and_views_offline(chromium, tiny_reproduction, tmp_path):
+    result, _, _ = tiny_reproduction
+    page = result.report.read_text(encoding="utf-8")
+    probed = tmp_path / "report.html"
+    probed.write_text(page.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    dom = browser.render_dom(probed, budget_ms=20_000, window_size=(1280, 4000))
+    attrs = _body_attrs(dom)
+    # every embedded figure decoded to a real image
+    assert int(attrs["data-images"]) >= 8
+    assert attrs["data-images-ok"] == attrs["data-images"], attrs
+    assert int(attrs["data-tables"]) >= 10
+    for heading in ("mean strict τ", "balanced accuracy", "saved_at_95", "Package versions"):
+        assert heading in dom, heading
+    # every CircuitsVis view rendered from the bundle in the page (the network is closed)
+    mounts = browser.mounted_components(dom)
+    names = {m.component for m in mounts}
+    assert {"ColoredTokens", "ColoredTokensMulti", "TopkTokens", "TokenLogProbs"} <= names
+    for mount in mounts:
+        assert not mount.error, (mount.component, mount.text)
+        assert mount.n_elements >= 5, (mount.component, mount.n_elements)
+    colored = next(m for m in mounts if m.component == "ColoredTokens")
+    assert "capital" in colored.text and "Germany" in colored.text
+
+
+def test_report_screenshot_is_not_blank(chromium, tiny_reproduction, tmp_path):
+    from PIL import Image
+
+    result, _, _ = tiny_reproduction
+    png = browser.screenshot(result.report, tmp_path / "report.png", window_size=(1280, 2400))
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    non_white = (image < 235).any(-1).mean()
+    assert 0.03 < non_white < 0.8, non_white
+    # matplotlib's default blue and orange lines of the lens figures are on the first screen
+    blue = (abs(image[..., 0] - 31) < 25) & (abs(image[..., 1] - 119) < 25) & (image[..., 2] > 160)
+    assert blue.sum() > 200

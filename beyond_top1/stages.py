@@ -1,0 +1,255 @@
+"""Cached, resumable pipeline stages: one folder per stage, a done marker holding its settings.
+
+:meth:`Stages.run` runs ``fn(folder) -> metrics`` for a named stage unless that stage already
+finished with the same settings:
+
+* ``<root>/<name>/done.json`` holds the settings, their fingerprint, the stage's metrics (a small
+  JSON dict), its status and its duration. It is written atomically and last, so a stage that
+  was interrupted never looks finished.
+* Same settings as the done marker: the stage is skipped and its recorded metrics returned.
+* Other settings: the folder is emptied and the stage reruns.
+* No done marker but ``started.json`` with the same settings (an interrupted run): the folder is
+  kept and ``fn`` runs again on it, so a stage that checkpoints (a scan with ``resume=True``)
+  continues where it stopped. With other settings the folder is emptied first.
+* A stage may depend on earlier ones (``after=``): their fingerprints enter its settings, so
+  rerunning an upstream stage with new settings reruns everything downstream.
+* ``fn`` raising :class:`StageUnavailable` (e.g. too few positions for a probe) finishes the
+  stage with status ``"unavailable"`` and the reason; any other exception propagates and leaves
+  the stage unfinished (the next run retries it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DONE_FILE = "done.json"
+STARTED_FILE = "started.json"
+
+
+class StageUnavailable(Exception):
+    """Raised by a stage function when its analysis cannot run on this data (says why)."""
+
+
+def jsonable(value):
+    """``value`` with numpy/pandas scalars, tuples, paths and NaN made JSON-friendly."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        return [jsonable(v) for v in items]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # numpy / torch scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    return str(value)
+
+
+def fingerprint(settings: Mapping) -> str:
+    """SHA-256 (16 hex digits) of the canonical JSON of ``settings``."""
+    text = json.dumps(jsonable(settings), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (parents made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=1, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _changed_keys(old: Mapping, new: Mapping) -> list[str]:
+    old, new = jsonable(old), jsonable(new)
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+@dataclass
+class StageRecord:
+    """A finished stage: where it lives, how it was made and what it measured.
+
+    ``status`` is ``"done"`` or ``"unavailable"`` (then ``metrics["reason"]`` says why);
+    ``cached`` is true when this run found it finished and skipped it.
+    """
+
+    name: str
+    directory: Path
+    settings: dict
+    fingerprint: str
+    metrics: dict = field(default_factory=dict)
+    status: str = "done"
+    seconds: float = 0.0
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "done"
+
+    def to_json(self) -> dict:
+        return {
+            "status": self.status,
+            "cached": self.cached,
+            "seconds": round(self.seconds, 2),
+            "fingerprint": self.fingerprint,
+            "settings": jsonable(self.settings),
+            "metrics": jsonable(self.metrics),
+        }
+
+
+class Stages:
+    """Runs named stages under ``root`` (see the module docstring).
+
+    Args:
+        root: the folder that holds one sub-folder per stage.
+        force: stage names to rerun even when finished with the same settings.
+        log: a ``print``-like function for one progress line per event (``None``: silent).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        force: Iterable[str] = (),
+        log: Callable[[str], None] | None = print,
+    ):
+        self.root = Path(root)
+        self.force = set(force)
+        self.log = log or (lambda _line: None)
+        self.records: dict[str, StageRecord] = {}
+
+    def run(
+        self,
+        name: str,
+        settings: Mapping,
+        fn: Callable[[Path], Mapping | None],
+        *,
+        after: Iterable[StageRecord] = (),
+        describe: str = "",
+    ) -> StageRecord:
+        """Run stage ``name`` (or skip it when finished with the same settings)."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"a stage name must be a plain folder name, got {name!r}")
+        effective = dict(jsonable(settings))
+        upstream = {rec.name: rec.fingerprint for rec in after}
+        if upstream:
+            effective["after"] = upstream
+        key = fingerprint(effective)
+        folder = self.root / name
+        done = _read_json(folder / DONE_FILE)
+        what = f"{name}" + (f" ({describe})" if describe else "")
+        if done is not None and done.get("fingerprint") == key and name not in self.force:
+            record = StageRecord(
+                name,
+                folder,
+                effective,
+                key,
+                metrics=done.get("metrics", {}),
+                status=done.get("status", "done"),
+                seconds=float(done.get("seconds", 0.0)),
+                cached=True,
+            )
+            self.log(f"[{name}] finished earlier with the same settings: skipped")
+            self.records[name] = record
+            return record
+        started = _read_json(folder / STARTED_FILE)
+        if done is not None:
+            why = (
+                "forced"
+                if name in self.force and done.get("fingerprint") == key
+                else "settings changed: "
+                + ", ".join(_changed_keys(done.get("settings", {}), effective))
+            )
+            self.log(f"[{name}] rerun ({why})")
+            self._clear(folder)
+        elif started is not None and started.get("fingerprint") == key:
+            self.log(f"[{name}] resuming an interrupted run: {what}")
+        else:
+            if folder.exists():
+                self._clear(folder)
+            self.log(f"[{name}] running: {what}")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / STARTED_FILE, {"fingerprint": key, "settings": effective})
+        start = time.perf_counter()
+        try:
+            metrics = jsonable(dict(fn(folder) or {}))
+            status = "done"
+        except StageUnavailable as exc:
+            metrics, status = {"reason": str(exc)}, "unavailable"
+            self.log(f"[{name}] unavailable: {exc}")
+        seconds = time.perf_counter() - start
+        record = StageRecord(name, folder, effective, key, metrics, status, seconds, False)
+        atomic_write_json(
+            folder / DONE_FILE,
+            {**record.to_json(), "name": name, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")},
+        )
+        (folder / STARTED_FILE).unlink(missing_ok=True)
+        if status == "done":
+            self.log(f"[{name}] done in {seconds:.1f} s")
+        self.records[name] = record
+        return record
+
+    @staticmethod
+    def _clear(folder: Path) -> None:
+        """Empty ``folder`` (the done marker first, so a crash mid-way never looks finished)."""
+        (folder / DONE_FILE).unlink(missing_ok=True)
+        for child in folder.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+__all__ = [
+    "DONE_FILE",
+    "STARTED_FILE",
+    "StageRecord",
+    "StageUnavailable",
+    "Stages",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "fingerprint",
+    "jsonable",
+]

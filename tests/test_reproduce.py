@@ -1,0 +1,339 @@
+"""``beyond-top1 reproduce``: the stage cache (skip, rerun, resume), the offline report and
+metrics.json, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from beyond_top1 import reproduce as rp
+from beyond_top1.stages import DONE_FILE, STARTED_FILE, Stages, StageUnavailable
+
+# ---------------------------------------------------------------------------------------------
+# The stage cache
+# ---------------------------------------------------------------------------------------------
+
+
+class Counter:
+    """A stage function that counts its calls and writes one file."""
+
+    def __init__(self, fail_after_write: bool = False):
+        self.calls = 0
+        self.fail_after_write = fail_after_write
+        self.seen_partial = []
+
+    def __call__(self, folder):
+        self.calls += 1
+        self.seen_partial.append((folder / "partial.txt").exists())
+        (folder / "partial.txt").write_text("half")
+        if self.fail_after_write:
+            raise KeyboardInterrupt  # an interruption, not an error of the analysis
+        (folder / "result.txt").write_text("done")
+        return {"value": 1.5, "calls": self.calls}
+
+
+def test_a_finished_stage_is_skipped_with_the_same_settings(tmp_path):
+    fn = Counter()
+    first = Stages(tmp_path, log=None).run("a", {"n": 3}, fn)
+    second = Stages(tmp_path, log=None).run("a", {"n": 3}, fn)
+    assert fn.calls == 1
+    assert not first.cached and second.cached
+    assert second.metrics == {"value": 1.5, "calls": 1} == first.metrics
+    done = json.loads((tmp_path / "a" / DONE_FILE).read_text())
+    assert done["settings"] == {"n": 3} and done["status"] == "done"
+    assert not (tmp_path / "a" / STARTED_FILE).exists()
+
+
+def test_a_changed_setting_reruns_the_stage_on_a_clean_folder(tmp_path):
+    fn = Counter()
+    Stages(tmp_path, log=None).run("a", {"n": 3}, fn)
+    (tmp_path / "a" / "stale.txt").write_text("from the old settings")
+    lines = []
+    record = Stages(tmp_path, log=lines.append).run("a", {"n": 4}, fn)
+    assert fn.calls == 2 and not record.cached
+    assert not (tmp_path / "a" / "stale.txt").exists()
+    assert any("settings changed: n" in line for line in lines), lines
+    # and back: the new settings are the ones on record now
+    assert Stages(tmp_path, log=None).run("a", {"n": 4}, fn).cached
+
+
+def test_force_reruns_a_finished_stage(tmp_path):
+    fn = Counter()
+    Stages(tmp_path, log=None).run("a", {}, fn)
+    Stages(tmp_path, force=["a"], log=None).run("a", {}, fn)
+    assert fn.calls == 2
+
+
+def test_an_interrupted_stage_resumes_on_its_folder(tmp_path):
+    interrupted = Counter(fail_after_write=True)
+    with pytest.raises(KeyboardInterrupt):
+        Stages(tmp_path, log=None).run("a", {"n": 3}, interrupted)
+    assert not (tmp_path / "a" / DONE_FILE).exists()  # never looks finished
+    assert (tmp_path / "a" / STARTED_FILE).exists()
+    lines = []
+    fn = Counter()
+    record = Stages(tmp_path, log=lines.append).run("a", {"n": 3}, fn)
+    assert fn.seen_partial == [True]  # the partial work was kept for it
+    assert record.ok and any("resuming" in line for line in lines)
+    # an interrupted run with other settings is thrown away instead
+    with pytest.raises(KeyboardInterrupt):
+        Stages(tmp_path, log=None).run("b", {"n": 1}, Counter(fail_after_write=True))
+    other = Counter()
+    Stages(tmp_path, log=None).run("b", {"n": 2}, other)
+    assert other.seen_partial == [False]
+
+
+def test_upstream_changes_rerun_downstream_stages(tmp_path):
+    up, down = Counter(), Counter()
+
+    def run(n):
+        stages = Stages(tmp_path, log=None)
+        first = stages.run("up", {"n": n}, up)
+        return stages.run("down", {"m": 1}, down, after=[first])
+
+    run(1)
+    assert run(1).cached and (up.calls, down.calls) == (1, 1)
+    assert not run(2).cached and (up.calls, down.calls) == (2, 2)
+
+
+def test_an_unavailable_stage_is_recorded_with_its_reason_and_cached(tmp_path):
+    calls = []
+
+    def fn(folder):
+        calls.append(folder)
+        raise StageUnavailable("too few positions")
+
+    record = Stages(tmp_path, log=None).run("p", {}, fn)
+    assert record.status == "unavailable" and record.metrics == {"reason": "too few positions"}
+    again = Stages(tmp_path, log=None).run("p", {}, fn)
+    assert again.cached and again.status == "unavailable" and len(calls) == 1
+
+
+def test_metrics_are_made_json_safe(tmp_path):
+    import numpy as np
+
+    record = Stages(tmp_path, log=None).run(
+        "m", {}, lambda folder: {"x": np.float32(0.5), "nan": float("nan"), "n": np.int64(3)}
+    )
+    assert record.metrics == {"x": 0.5, "nan": None, "n": 3}
+
+
+def test_scale_overrides_are_typed_and_checked():
+    assert rp.parse_override("scan_texts=32") == ("scan_texts", 32)
+    assert rp.parse_override("tuned_lens=true") == ("tuned_lens", True)
+    assert rp.parse_override("intervention_a=none") == ("intervention_a", None)
+    with pytest.raises(ValueError, match="unknown scale setting"):
+        rp.parse_override("scan_txts=3")
+    scale = rp.resolve_scale("quick", {"scan_texts": 5})
+    assert scale.scan_texts == 5 and rp.SCALES["quick"].scan_texts != 5
+    assert rp.default_twins("smollm2-135m") == ["untrained:smollm2-135m", "untrained:gpt2-small"]
+    assert rp.default_twins("gpt2") == ["untrained:gpt2-small"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline on tiny models
+# ---------------------------------------------------------------------------------------------
+
+EXPECTED_STAGES = {
+    "lens-linear",
+    "lens-metrics",
+    "scan-tiny-rms-6l",
+    "scan-tiny-ln",
+    "ordering",
+    "probe-tiny-rms-6l",
+    "interventions",
+    "early-exit",
+    "generation",
+    "views",
+}
+
+
+def test_metrics_json_has_every_stage_and_its_headline_numbers(tiny_reproduction):
+    result, _, _ = tiny_reproduction
+    metrics = json.loads(result.metrics.read_text())
+    assert {"model", "scale", "settings", "environment", "stages"} <= set(metrics)
+    assert set(metrics["stages"]) == EXPECTED_STAGES
+    for name, stage in metrics["stages"].items():
+        assert {"status", "cached", "seconds", "settings", "metrics"} <= set(stage), name
+        assert stage["status"] == "done", (name, stage["metrics"])
+    m = {name: stage["metrics"] for name, stage in metrics["stages"].items()}
+    assert {"logit", "linear"} <= set(m["lens-metrics"])
+    assert m["lens-metrics"]["logit"]["mean_kl"] >= 0
+    assert set(m["ordering"]) == {"tiny-rms-6l", "tiny-ln"}
+    assert -1 <= m["ordering"]["tiny-ln"]["mean_tau"] <= 1
+    assert m["scan-tiny-rms-6l"]["n_layers"] == 6 and m["scan-tiny-ln"]["n_layers"] == 3
+    assert 0 <= m["probe-tiny-rms-6l"]["balanced_accuracy_mean"] <= 1
+    assert m["interventions"]["n_pairs"] >= 1
+    assert {"method", "lens", "saved_at_95"} <= set(m["early-exit"]["layers_saved"][0])
+    assert m["generation"]["new_tokens"] == rp.SCALES["test"].generation_tokens
+    assert "torch" in metrics["environment"]["packages"]
+    # the headline helper flattens them
+    flat = rp.headline(metrics)
+    assert "probe-tiny-rms-6l.balanced_accuracy_mean" in flat
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[tuple[str, str, str]] = []
+        self.tags: dict[str, int] = {}
+
+    def handle_starttag(self, tag, attrs):
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "data", "poster") and value:
+                self.links.append((tag, name, value))
+
+
+def test_the_report_is_self_contained(tiny_reproduction):
+    result, _, _ = tiny_reproduction
+    page = result.report.read_text(encoding="utf-8")
+    parser = _Links()
+    parser.feed(page)
+    external = [link for link in parser.links if re.match(r"\s*(https?:)?//", link[2], flags=re.I)]
+    assert external == []
+    for tag, _name, value in parser.links:  # images inline, anchors on the page
+        if tag == "img":
+            assert value.startswith("data:image/png;base64,"), value[:40]
+        elif tag == "a":
+            assert value.startswith("#"), value
+    assert parser.tags.get("img", 0) >= 8  # lens, ordering, probe, intervention, exit figures
+    assert parser.tags.get("table", 0) >= 10
+    # the CircuitsVis bundle is included once; every view is mounted from it
+    assert page.count("CircuitsVis.render(") >= 4
+    assert len(re.findall(r"<script>\s*\S", page)) >= 5
+    bundle_marker = "var CircuitsVis"
+    assert page.count(bundle_marker) <= 1
+    assert 1_000_000 < len(page) < 8_000_000
+
+
+def test_a_second_run_skips_every_stage(tiny_reproduction, monkeypatch):
+    result, model, twin = tiny_reproduction
+    ran = []
+    original = Stages.run
+
+    def counting(self, name, settings, fn, **kwargs):
+        def wrapped(folder):
+            ran.append(name)
+            return fn(folder)
+
+        return original(self, name, settings, wrapped, **kwargs)
+
+    monkeypatch.setattr(Stages, "run", counting)
+    again = rp.reproduce(
+        model, result.out, scale="test", twins={"tiny-ln": twin}, progress=False, log=None
+    )
+    assert ran == []
+    assert all(rec.cached for rec in again.records.values())
+    # a changed setting reruns that stage (and what depends on it) only
+    changed = rp.reproduce(
+        model,
+        result.out,
+        scale="test",
+        overrides={"intervention_pairs": 2},
+        twins={"tiny-ln": twin},
+        progress=False,
+        log=None,
+    )
+    assert ran == ["interventions"]
+    assert not changed.records["interventions"].cached
+    assert (
+        json.loads((result.out / "metrics.json").read_text())["stages"]["interventions"][
+            "settings"
+        ]["max_pairs"]
+        == 2
+    )
+
+
+def test_an_interrupted_scan_continues_from_its_last_shard(tmp_path, monkeypatch, tiny_model):
+    """The scan stage resumes the scan's own shards: only the missing batches are recomputed."""
+    import beyond_top1.scans as scans
+
+    scale = rp.resolve_scale("test", {"batch_size": 1, "scan_texts": 5, "max_len": 12})
+    calls = []
+    original = scans._scan_batch
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the first shard (batches 0-3) is on disk by now
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scans, "_scan_batch", flaky)
+
+    def context():
+        main = rp._Model("tiny", tiny_model, device="cpu", seed=0)
+        return rp._Context(scale, 0, False, main, [], Stages(tmp_path, log=None))
+
+    with pytest.raises(KeyboardInterrupt):
+        context().scan(context().main)
+    assert not (tmp_path / "scan-tiny" / DONE_FILE).exists()
+    calls.clear()
+    ctx = context()
+    record = ctx.scan(ctx.main)
+    assert record.ok and not record.cached
+    assert len(calls) == 1  # batch 4 only
+    full = scans.load_scan(tmp_path / "scan-tiny" / "scan")
+    monkeypatch.setattr(scans, "_scan_batch", original)
+    fresh = scans.scan(
+        tiny_model,
+        ctx.scan_texts()[0],
+        k=5,
+        batch_size=1,
+        max_len=scale.max_len,
+        precision=scale.precision,
+        progress=False,
+    )
+    assert full.saturation.equals(fresh.saturation)
+
+
+def test_cli_has_the_reproduce_command():
+    from beyond_top1.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["reproduce", "--out", "x", "--scale", "paper", "--set", "scan_texts=3", "--no-twins"]
+    )
+    assert args.scale == "paper" and args.set == ["scan_texts=3"] and args.no_twins
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["reproduce", "--out", "x", "--scale", "huge"])
+
+
+@pytest.mark.slow
+def test_paper_only_stages_run_on_tiny_models(tmp_path):
+    """Tuned lens, probes and interventions on the twins, refinement gap, sub-module
+    replacement: the stages the paper scale adds, at the smallest settings."""
+    from conftest import make_tiny_model
+
+    overrides = {
+        "tuned_lens": True,
+        "tuned_steps": 2,
+        "tuned_texts": 12,
+        "twin_analyses": True,
+        "intervention_a": None,
+        "refinement_items": 1,
+        "replacement_fit_texts": 2,
+        "replacement_eval_texts": 1,
+    }
+    result = rp.reproduce(
+        make_tiny_model(n_layers=6),
+        tmp_path / "run",
+        scale="test",
+        overrides=overrides,
+        twins={"twin": make_tiny_model(n_layers=6, seed=3)},
+        progress=False,
+        log=None,
+    )
+    records = result.records
+    for name in ("lens-tuned", "refinement", "replacement", "probe-twin", "interventions-twin"):
+        assert name in records, sorted(records)
+    assert records["lens-tuned"].ok and records["replacement"].ok
+    assert records["probe-twin"].status in ("done", "unavailable")
+    # the tiny model's 64-token context is shorter than the retrieval prompts: said, not raised
+    refinement = records["refinement"]
+    assert refinement.ok or "context" in refinement.metrics["reason"]
+    assert {"logit", "linear", "tuned"} <= set(records["lens-metrics"].metrics)
+    page = result.report.read_text(encoding="utf-8")
+    assert "Refinement gap and sub-module replacement" in page
