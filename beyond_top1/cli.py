@@ -8,55 +8,20 @@ import sys
 import time
 from pathlib import Path
 
-from beyond_top1.models import DEFAULT_MODEL
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed for untrained models, text order and training"
-    )
-
-
-def _add_text_args(parser: argparse.ArgumentParser, *, n_texts: int, split: str) -> None:
-    parser.add_argument("--texts-file", help="your own texts: .txt (one per line) or .jsonl")
-    parser.add_argument(
-        "--n-texts", type=int, default=n_texts, help="Wikipedia texts (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--split", default=split, choices=["train", "val", "all"], help="(default: %(default)s)"
-    )
-    parser.add_argument("--max-len", type=int, default=128, help="tokens per text (truncated)")
-    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
-
-
-def _texts(args: argparse.Namespace) -> list[str]:
-    from beyond_top1.data import load_texts, wiki_texts
-
-    if args.texts_file:
-        texts = load_texts(args.texts_file)
-        return texts[: args.n_texts] if args.n_texts else texts
-    return wiki_texts(args.n_texts, split=args.split, seed=args.seed)
-
-
-def _load(args: argparse.Namespace):
-    from beyond_top1.models import load_model
-
-    return load_model(args.model, device=args.device, seed=args.seed)
-
-
-def _read_lens(model, directory: str | None):
-    from beyond_top1.lenses import LogitLens, load_lens
-
-    return LogitLens(model) if directory in (None, "logit") else load_lens(directory, model)
+from beyond_top1.cli_args import (
+    add_model_args,
+    add_text_args,
+    load_model_from_args,
+    read_lens_arg,
+    texts_from_args,
+)
 
 
 def _cmd_lens(args: argparse.Namespace) -> int:
     from beyond_top1.readout import format_top_tokens, top_tokens
 
-    model = _load(args)
-    lens = _read_lens(model, args.lens)
+    model = load_model_from_args(args)
+    lens = read_lens_arg(model, args.lens)
     frame = top_tokens(model, args.prompt, lens=lens, k=args.k, position=args.position)
     print(f"# {lens.kind} lens on {args.model}: top-{args.k} next tokens, position {args.position}")
     print(format_top_tokens(frame))
@@ -69,8 +34,8 @@ def _cmd_fit_lens(args: argparse.Namespace) -> int:
     from beyond_top1.lenses import LinearShortcutLens
     from beyond_top1.lenses.tuned import train_tuned_lens
 
-    model = _load(args)
-    texts = _texts(args)
+    model = load_model_from_args(args)
+    texts = texts_from_args(args)
     start = time.perf_counter()
     if args.kind == "linear":
         lens = LinearShortcutLens.fit(
@@ -107,13 +72,13 @@ def _cmd_eval_lens(args: argparse.Namespace) -> int:
     from beyond_top1.lenses import LogitLens
     from beyond_top1.lenses.metrics import evaluate_lenses, quality_of_fit_matrix
 
-    model = _load(args)
+    model = load_model_from_args(args)
     lenses = {} if args.no_logit else {"logit": LogitLens(model)}
     for directory in args.lens or []:
-        lens = _read_lens(model, directory)
+        lens = read_lens_arg(model, directory)
         name = lens.kind if lens.kind not in lenses else Path(directory).name
         lenses[name] = lens
-    texts = _texts(args)
+    texts = texts_from_args(args)
     out = Path(args.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     frame = evaluate_lenses(model, lenses, texts, batch_size=args.batch_size, max_len=args.max_len)
@@ -145,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lens = commands.add_parser("lens", help="read a prompt layer by layer through a lens")
     lens.add_argument("prompt", help="the text to read")
-    _add_model_args(lens)
+    add_model_args(lens)
     lens.add_argument("--lens", help="a saved lens folder (default: the logit lens)")
     lens.add_argument("--k", type=int, default=5, help="tokens per layer (default: %(default)s)")
     lens.add_argument("--position", type=int, default=-1, help="token position (default: last)")
@@ -155,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit-lens", help="fit a linear-shortcut or tuned lens and save it")
     fit.add_argument("--kind", choices=["linear", "tuned"], required=True)
     fit.add_argument("--out", required=True, help="folder to write the lens to")
-    _add_model_args(fit)
-    _add_text_args(fit, n_texts=500, split="train")
+    add_model_args(fit)
+    add_text_args(fit, n_texts=500, split="train")
     fit.add_argument("--ridge", type=float, default=1e-4, help="linear: relative ridge term")
     fit.add_argument("--bias", action="store_true", help="linear: fit a bias too")
     fit.add_argument("--init", default="linear", choices=["linear", "zero"], help="tuned: init")
@@ -178,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="folder for CSV/JSON and figures")
     ev.add_argument("--quality-of-fit", action="store_true", help="also the layer×layer r² map")
     ev.add_argument("--fit-texts", type=int, default=200, help="train texts for that map")
-    _add_model_args(ev)
-    _add_text_args(ev, n_texts=200, split="val")
+    add_model_args(ev)
+    add_text_args(ev, n_texts=200, split="val")
     ev.set_defaults(run=_cmd_eval_lens)
 
     from beyond_top1 import (

@@ -15,7 +15,12 @@ import pickle
 import time
 from pathlib import Path
 
-from beyond_top1.cli import _add_model_args, _add_text_args, _load, _texts
+from beyond_top1.cli_args import (
+    add_model_args,
+    add_text_args,
+    load_model_from_args,
+    texts_from_args,
+)
 
 
 def _lenses(model, args: argparse.Namespace) -> dict:
@@ -59,10 +64,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     )
     from beyond_top1.figures import plot_early_exit_curves, save_figure
 
-    model = _load(args)
+    model = load_model_from_args(args)
     lenses = _lenses(model, args)
     probe = read_probe(args.probe, model)
-    texts = _texts(args)
+    texts = texts_from_args(args)
     out = Path(args.out)
     start = time.perf_counter()
     signals = collect_exit_signals(
@@ -128,7 +133,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from beyond_top1.generation import benchmark_early_exit
 
-    model = _load(args)
+    model = load_model_from_args(args)
     lenses = _lenses(model, args)
     if args.lens not in lenses:
         raise ValueError(f"--lens {args.lens} is not loaded; have {sorted(lenses)}")
@@ -136,7 +141,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     criterion = make_criterion(
         args.criterion, args.theta, min_layer=args.min_layer, probe=probe, n_avg=args.n_avg
     )
-    prompts = prompts_from_texts(_texts(args), args.prompt_words)
+    prompts = prompts_from_texts(texts_from_args(args), args.prompt_words)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,8 +180,8 @@ def add_parser(subparsers) -> None:
 
     sim = modes.add_parser("simulate", help="curves, layers-saved table, better-LM test")
     sim.add_argument("--out", required=True, help="folder for CSV/JSON and figures")
-    _add_model_args(sim)
-    _add_text_args(sim, n_texts=60, split="val")
+    add_model_args(sim)
+    add_text_args(sim, n_texts=60, split="val")
     _add_lens_args(sim)
     sim.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     sim.add_argument("--m", type=int, default=6, help="better-LM: early means s_2 <= L-1-m")
@@ -184,8 +189,8 @@ def add_parser(subparsers) -> None:
 
     gen = modes.add_parser("generate", help="real early-exit greedy decoding vs. full decoding")
     gen.add_argument("--out", required=True, help="folder for JSON/CSV")
-    _add_model_args(gen)
-    _add_text_args(gen, n_texts=20, split="val")
+    add_model_args(gen)
+    add_text_args(gen, n_texts=20, split="val")
     _add_lens_args(gen)
     gen.add_argument(
         "--criterion",

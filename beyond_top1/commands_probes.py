@@ -7,6 +7,15 @@ import argparse
 import json
 from pathlib import Path
 
+from beyond_top1.cli_args import (
+    add_model_args,
+    add_text_args,
+    load_model_from_args,
+    read_lens_arg,
+    texts_from_args,
+    texts_source,
+)
+
 
 def _add_scan_args(parser: argparse.ArgumentParser, *, k: int) -> None:
     parser.add_argument(
@@ -25,7 +34,6 @@ def _add_scan_args(parser: argparse.ArgumentParser, *, k: int) -> None:
 
 
 def _scan_and_lens(args: argparse.Namespace, model, texts):
-    from beyond_top1.cli import _read_lens
     from beyond_top1.lenses import load_lens
     from beyond_top1.scans import load_scan, scan
 
@@ -33,17 +41,15 @@ def _scan_and_lens(args: argparse.Namespace, model, texts):
         result = load_scan(args.scan)
         source = args.lens or result.settings.get("lens")
         if source in (None, "logit") or args.lens:
-            lens = _read_lens(model, args.lens)
+            lens = read_lens_arg(model, args.lens)
         else:
             lens = load_lens(source, model)
         return result, lens
-    lens = _read_lens(model, args.lens)
+    lens = read_lens_arg(model, args.lens)
     folder = Path(args.out) / "scan"
     if (folder / "summary.json").exists():
         return load_scan(folder), lens
-    description = (
-        args.texts_file or f"wiki_texts({args.n_texts}, split={args.split!r}, seed={args.seed})"
-    )
+    description = texts_source(args, len(texts))
     result = scan(
         model,
         texts,
@@ -61,12 +67,11 @@ def _scan_and_lens(args: argparse.Namespace, model, texts):
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from beyond_top1.cli import _load, _texts
     from beyond_top1.figures import plot_probe_per_layer, save_figure
     from beyond_top1.probes import TaskProbe, cross_validate_task_probe, task_dataset
 
-    model = _load(args)
-    texts = _texts(args)
+    model = load_model_from_args(args)
+    texts = texts_from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scan_result, _ = _scan_and_lens(args, model, texts)
@@ -110,13 +115,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_intervene(args: argparse.Namespace) -> int:
-    from beyond_top1.cli import _load, _texts
     from beyond_top1.figures import plot_intervention_success, save_figure
     from beyond_top1.interventions import intervene
     from beyond_top1.probes import load_probe
 
-    model = _load(args)
-    texts = _texts(args)
+    model = load_model_from_args(args)
+    texts = texts_from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     probe = load_probe(args.probe, model) if args.probe else None
@@ -152,13 +156,12 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
 
 def add_parser(commands) -> None:
     """Add ``probe`` and ``intervene`` to the ``beyond-top1`` subcommands."""
-    from beyond_top1.cli import _add_model_args, _add_text_args
 
     probe = commands.add_parser(
         "probe", help="fit a task-index probe and cross-validate it (grouped by text)"
     )
-    _add_model_args(probe)
-    _add_text_args(probe, n_texts=150, split="val")
+    add_model_args(probe)
+    add_text_args(probe, n_texts=150, split="val")
     _add_scan_args(probe, k=5)
     probe.add_argument("--k", type=int, default=3, help="tasks 1..k (default: %(default)s)")
     probe.add_argument("--min-layer", type=int, default=0, help="first layer to take rows from")
@@ -174,8 +177,8 @@ def add_parser(commands) -> None:
     iv = commands.add_parser(
         "intervene", help="task-shift interventions: patch a source's state into a target"
     )
-    _add_model_args(iv)
-    _add_text_args(iv, n_texts=150, split="val")
+    add_model_args(iv)
+    add_text_args(iv, n_texts=150, split="val")
     _add_scan_args(iv, k=1)
     iv.add_argument("--probe", help="a probe file from `beyond-top1 probe` (optional)")
     iv.add_argument("--a", type=int, help="offsets d in [-a, a] (default: Δ // 2)")

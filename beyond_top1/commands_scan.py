@@ -6,9 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
+from beyond_top1.cli_args import (
+    add_model_args,
+    add_text_args,
+    load_model_from_args,
+    read_lens_arg,
+    texts_from_args,
+    texts_source,
+)
+
 
 def add_parser(commands) -> None:
-    from beyond_top1.cli import _add_model_args, _add_text_args
 
     scan = commands.add_parser(
         "scan",
@@ -16,8 +24,8 @@ def add_parser(commands) -> None:
         description="Stream texts through a model and a lens and write saturation.parquet "
         "(one row per position), trajectories.safetensors and summary.json to --out.",
     )
-    _add_model_args(scan)
-    _add_text_args(scan, n_texts=200, split="val")
+    add_model_args(scan)
+    add_text_args(scan, n_texts=200, split="val")
     scan.add_argument("--k", type=int, default=5, help="ranks to track (default: %(default)s)")
     scan.add_argument("--lens", default="logit", help="'logit' or a saved lens folder")
     scan.add_argument(
@@ -40,17 +48,12 @@ def add_parser(commands) -> None:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from beyond_top1.cli import _load, _read_lens, _texts
     from beyond_top1.scans import scan
 
-    model = _load(args)
-    lens = _read_lens(model, args.lens)
-    texts = _texts(args)
-    source = (
-        f"{args.texts_file} (first {len(texts)})"
-        if args.texts_file
-        else f"wiki_texts({args.n_texts}, split={args.split!r}, seed={args.seed})"
-    )
+    model = load_model_from_args(args)
+    lens = read_lens_arg(model, args.lens)
+    texts = texts_from_args(args)
+    source = texts_source(args, len(texts))
     result = scan(
         model,
         texts,

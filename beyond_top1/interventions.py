@@ -515,10 +515,10 @@ def intervene(
     """
     from beyond_top1.data import tokenize
     from beyond_top1.lenses import LogitLens
-    from beyond_top1.probes import _check_scan_matches
+    from beyond_top1.probes import check_scan_matches
 
     texts = list(texts)
-    _check_scan_matches(model, scan, texts)
+    check_scan_matches(model, scan, texts)
     if engine not in ("cached", "full"):
         raise ValueError(f"engine must be 'cached' or 'full', got {engine!r}")
     L = hooked.n_layers(model)

@@ -185,7 +185,8 @@ class TaskDataset:
         return f"<div><b>{self!r}</b>{self.counts().to_html()}</div>"
 
 
-def _check_scan_matches(model, scan, texts: Sequence[str]) -> None:
+def check_scan_matches(model, scan, texts: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``scan`` was made with ``model`` on exactly ``texts``."""
     from beyond_top1.scans import texts_fingerprint
 
     settings = scan.settings or {}
@@ -279,7 +280,7 @@ def task_dataset(
     from beyond_top1.activations import stream_residuals
 
     texts = list(texts)
-    _check_scan_matches(model, scan, texts)
+    check_scan_matches(model, scan, texts)
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     L = hooked.n_layers(model)
@@ -870,6 +871,7 @@ __all__ = [
     "ProbeFileError",
     "TaskDataset",
     "TaskProbe",
+    "check_scan_matches",
     "cross_validate_task_probe",
     "load_probe",
     "normalise_features",

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from beyond_top1 import hooked
 from beyond_top1.data import DEFAULT_MAX_LEN, iter_token_batches
 from beyond_top1.lenses.least_squares import DEFAULT_RIDGE, LeastSquaresAccumulator
-from beyond_top1.lenses.metrics import _Moments, _squared_error, coordinate_r2
+from beyond_top1.lenses.metrics import Moments, coordinate_r2, squared_error
 from hooks.replace import FwdHooks, constant_replacement, linear_replacement
 
 DEFAULT_KINDS = ("attn", "mlp", "norm")
@@ -219,7 +219,7 @@ def evaluate_replacements(
             raise ValueError(f"kind {kind!r} was not fitted; fitted: {maps.kinds}")
     device = hooked.model_device(model)
     cells = {(l, k, v): _Sums() for l in layers for k in kinds for v in variants}
-    moments = {(l, k): _Moments() for l in layers for k in kinds}
+    moments = {(l, k): Moments() for l in layers for k in kinds}
     orig_ce, orig_n = 0.0, 0
     names = [hooked.resid_pre_hook_name(l) for l in layers]
     names += [n for l in layers for k in kinds for n in hooked.submodule_hook_names(l, k)]
@@ -245,7 +245,7 @@ def evaluate_replacements(
                 for variant in variants:
                     cell = cells[layer, kind, variant]
                     pred = _predict(maps, layer, kind, variant, x)
-                    cell.ss_res = cell.ss_res + _squared_error(pred, y)
+                    cell.ss_res = cell.ss_res + squared_error(pred, y)
                     hooks = maps.hooks(layer, kind, variant)
                     out = hooked.run_from_layer(model, start, layer, hooks)
                     reference.score(out[rows, cols], cell)

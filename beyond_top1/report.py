@@ -223,8 +223,7 @@ class Report:
         return section
 
     def html(self) -> str:
-        from beyond_top1.viz import _STYLE as VIEW_STYLE
-        from beyond_top1.viz import bundle_script
+        from beyond_top1.viz import VIEW_STYLE, bundle_script
 
         needs_bundle = any(s.has_views for s in self.sections)
         nav = " ".join(f'<a href="#{s.anchor}">{_escape(s.title)}</a>' for s in self.sections)
@@ -285,28 +284,23 @@ def environment() -> dict:
     }
 
 
-def _git_commit() -> str | None:
+def _git_output(*args: str) -> str:
+    """The stripped stdout of ``git args...`` run in this package's folder (5 s timeout)."""
     here = Path(__file__).resolve().parent
+    result = subprocess.run(
+        ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5, check=False
+    )
+    return result.stdout.strip()
+
+
+def _git_commit() -> str | None:
     try:
-        result = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
+        commit = _git_output("rev-parse", "--short", "HEAD")
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = result.stdout.strip()
     if not commit:
         return None
-    dirty = subprocess.run(
-        ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        timeout=5,
-        check=False,
-    ).stdout.strip()
+    dirty = _git_output("status", "--porcelain", "--untracked-files=no")
     return commit + ("-dirty" if dirty else "")
 
 

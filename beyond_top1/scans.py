@@ -92,7 +92,7 @@ class ScanResult:
 
     def ordering(self, **kwargs) -> OrderingStats:
         """001's ordering statistics (see :func:`beyond_top1.saturation.ordering`)."""
-        return ordering(torch.as_tensor(self.saturation_array()), self.n_layers, **kwargs)
+        return ordering(torch.tensor(self.saturation_array()), self.n_layers, **kwargs)
 
     def subset(self, rows: np.ndarray) -> ScanResult:
         """The positions selected by a boolean mask or index array."""

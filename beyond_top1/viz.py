@@ -35,7 +35,7 @@ from beyond_top1.trajectory import Trajectory
 DEFAULT_MAX_TOKENS = 200
 _LEGEND_INLINE = 24  # longer position keys are folded into a <details> element
 _MARKERS = {"\n": "↵", "\t": "⇥", "\r": "␍"}
-_STYLE = """<style>
+VIEW_STYLE = """<style>
 .bt-view{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;font-size:14px;color:#222}
 .bt-view h3,.bt-view h4{margin:10px 0 4px 0}
 .bt-caption{color:#555;font-size:12.5px;margin:2px 0 6px 0;max-width:70em}
@@ -185,7 +185,7 @@ class View:
     def html(self) -> str:
         """Self-contained HTML fragment: style, bundle (if there are components), body."""
         bundle = bundle_script() + "\n" if self.components else ""
-        return _STYLE + "\n" + bundle + self.body()
+        return VIEW_STYLE + "\n" + bundle + self.body()
 
     def _repr_html_(self) -> str:
         return self.html()
@@ -605,6 +605,7 @@ def compare_lenses(first: Trajectory, second: Trajectory, position: int = -1) ->
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "Component",
+    "VIEW_STYLE",
     "View",
     "as_view",
     "bundle_script",

@@ -77,3 +77,21 @@ def test_scan_and_order_commands(converted, tmp_path):
     assert order.returncode == 0, order.stderr
     assert "untrained:gpt2-small [logit]" in order.stdout
     assert "mean_tau" in (tmp_path / "order.csv").read_text()
+
+
+def test_texts_file_is_read_whole_unless_n_texts_is_given(tmp_path):
+    import argparse
+
+    from beyond_top1.cli_args import add_text_args, texts_from_args, texts_source
+
+    path = tmp_path / "texts.txt"
+    path.write_text("one\ntwo\nthree\n")
+    parser = argparse.ArgumentParser()
+    add_text_args(parser, n_texts=2, split="val")
+    args = parser.parse_args(["--texts-file", str(path)])
+    assert texts_from_args(args) == ["one", "two", "three"]
+    assert texts_source(args, 3) == f"{path} (first 3)"
+    args = parser.parse_args(["--texts-file", str(path), "--n-texts", "2"])
+    assert texts_from_args(args) == ["one", "two"]
+    args = parser.parse_args([])
+    assert args.n_texts is None and args.default_n_texts == 2

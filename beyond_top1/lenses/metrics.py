@@ -38,7 +38,7 @@ LENS_METRICS = (
 # ---------------------------------------------------------------------------------------------
 
 
-class _Moments:
+class Moments:
     """Per-coordinate count, mean and centred sum of squares, merged batch by batch (float64).
 
     Chan et al.'s pairwise update, so ``ss_tot`` is exact however the tokens are batched.
@@ -66,7 +66,7 @@ class _Moments:
         self.n += n_b
 
 
-def _squared_error(pred: Float[Tensor, "tokens d"], y: Float[Tensor, "tokens d"]) -> Tensor:
+def squared_error(pred: Float[Tensor, "tokens d"], y: Float[Tensor, "tokens d"]) -> Tensor:
     """Per-coordinate sum of squared residuals, float64: ``[d]``."""
     return (pred.double() - y.double()).pow(2).sum(0)
 
@@ -120,7 +120,7 @@ class _LensTotals:
         next_ids: Int[Tensor, " tokens"],
     ) -> None:
         self.n += resid.shape[0]
-        self.ss_res = self.ss_res + _squared_error(lens.transform(resid, layer), target)
+        self.ss_res = self.ss_res + squared_error(lens.transform(resid, layer), target)
         log_q = lens(resid, layer).float().log_softmax(-1)
         top1 = log_q.argmax(-1, keepdim=True)
         in_top = final.top_ids == top1
@@ -212,7 +212,7 @@ def evaluate_lenses(
     last = hooked.n_layers(model) - 1
     streamed = sorted({l for ls in plan.values() for l in ls} | {last})
     final_lens = LogitLens(model)
-    target = _Moments()
+    target = Moments()
     totals = {(name, l): _LensTotals() for name, ls in plan.items() for l in ls}
     batches = stream_residuals(
         model, texts, layers=streamed, batch_size=batch_size, max_len=max_len, progress=progress
@@ -311,7 +311,7 @@ def quality_of_fit_matrix(
 
 def _validation_errors(model, texts, layers, maps, **stream):
     """Per-pair squared errors of the maps and of the identity, and per-layer moments."""
-    moments = [_Moments() for _ in layers]
+    moments = [Moments() for _ in layers]
     d = hooked.d_model(model)
     device = hooked.model_device(model)
     ss_linear = [
@@ -333,4 +333,11 @@ def _validation_errors(model, texts, layers, maps, **stream):
     return ss_linear, ss_identity, moments
 
 
-__all__ = ["LENS_METRICS", "coordinate_r2", "evaluate_lenses", "quality_of_fit_matrix"]
+__all__ = [
+    "LENS_METRICS",
+    "Moments",
+    "coordinate_r2",
+    "evaluate_lenses",
+    "quality_of_fit_matrix",
+    "squared_error",
+]
