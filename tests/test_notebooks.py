@@ -21,13 +21,14 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 KERNEL = "beyond-top1-tests"
 
 
-def test_the_four_notebooks_are_there():
+def test_the_five_notebooks_are_there():
     names = [path.stem for path in NOTEBOOKS]
     assert names == [
         "01_quickstart",
         "02_saturation_order",
         "03_probes_interventions",
         "04_early_exit",
+        "05_lenses_and_replacement",
     ]
 
 

@@ -110,6 +110,35 @@ def test_tuned_lens_save_load_round_trip(tiny_model, tmp_path):
         assert torch.equal(loaded(h, layer), tuned(h, layer))
 
 
+def test_unembed_gradient_matches_autograd():
+    from beyond_top1.lenses.tuned import _Unembed
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 40, generator=g, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_(True)
+    (x_ref @ w).sin().sum().backward()
+    x_ours = x.clone().requires_grad_(True)
+    _Unembed.apply(x_ours, w, w.T.contiguous()).sin().sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+
+
+def test_unembed_backward_survives_the_bf16_32_row_gemm():
+    """torch 2.13 CPU: ``[32, 49152] @ W.T``-view in bf16 raises SIGFPE; ours must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from beyond_top1.lenses.tuned import _Unembed\n"
+        "w = torch.randn(576, 49152).bfloat16()\n"
+        "x = torch.randn(32, 576).bfloat16().requires_grad_(True)\n"
+        "_Unembed.apply(x, w, w.T.contiguous()).float().square().sum().backward()\n"
+        "print(x.grad.shape)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kl_matches_autograd(dtype):
     from beyond_top1.lenses.tuned import _FusedKL, _kl, _Target

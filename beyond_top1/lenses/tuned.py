@@ -182,6 +182,25 @@ class _FusedKL(torch.autograd.Function):
         return dz.to(ctx.logits_dtype), None, None, None
 
 
+class _Unembed(torch.autograd.Function):
+    """``x @ W_U`` whose backward multiplies by a contiguous copy of ``W_U.T``.
+
+    Autograd's backward would use the transposed view, and with torch 2.13's CPU bf16 GEMM a
+    ``[32, vocab] @ W_U.T``-view product dies with a floating-point exception (SIGFPE; other
+    row counts and the contiguous layout are fine). ``W_U`` gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_u, w_u_t):
+        ctx.save_for_backward(w_u_t)
+        return x @ w_u
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w_u_t,) = ctx.saved_tensors
+        return grad @ w_u_t, None, None
+
+
 def _heldout_kl(lens: TunedLens, layers, heldout: list[tuple[Tensor, Tensor]]) -> Tensor:
     """KL per layer of ``layers`` on the held-out residuals (columns in that order), fp32."""
     totals = torch.zeros(len(layers), dtype=torch.float64)
@@ -234,7 +253,9 @@ def train_tuned_lens(
         texts: training texts, streamed in order, one batch per step (``max_steps`` batches at
             most; the texts are cycled in a seeded order if there are fewer).
         init: ``"linear"`` (fit a least-squares linear-shortcut lens with bias on the first
-            ``n_init_texts`` texts), ``"zero"`` (the public recipe's init), or a fitted lens.
+            ``n_init_texts`` texts), ``"zero"`` (the public recipe's init), or a fitted lens
+            (fit it on texts other than the held-out ones, or model selection starts from an
+            optimistic held-out KL).
         heldout_texts: texts for model selection (default: ``n_heldout_texts`` split off the end
             of ``texts``, never trained on).
         settings / overrides: see :class:`TunedLensTraining`.
@@ -317,6 +338,7 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
     )
     # The unembedding in bf16, cast once (~2-4x faster than fp32 on CPU); loss sums in fp32.
     W_U, b_U = (t.to(torch.bfloat16) for t in hooked.unembedding_weights(model))
+    W_U_T = W_U.T.contiguous()  # for the backward pass (see _Unembed)
     L = lens.n_layers
     eval_start = clock()
     best_kl = _heldout_kl(lens, layers, heldout)
@@ -353,7 +375,7 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
             rows = torch.randperm(len(batch), generator=generator)[:n].to(target.p.device)
             h = batch.resid[rows, i]
             normed = hooked.final_norm(model, h + h @ weights[i] + biases[i])
-            logits = normed.to(W_U.dtype) @ W_U + b_U
+            logits = _Unembed.apply(normed.to(W_U.dtype), W_U, W_U_T) + b_U
             loss = _FusedKL.apply(
                 logits, target.p[rows], target.mass[rows], target.neg_entropy[rows]
             )
