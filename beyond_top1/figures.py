@@ -205,7 +205,12 @@ def plot_saturation_histograms(items, *, relative: bool | None = None) -> Figure
 def _p_label(st) -> str:
     """``n=…, p=…`` under a τ bar; a p of 0 is reported as below one permutation's share."""
     p = f"p<{1 / st.n_permutations:.2g}" if st.p_value == 0 else f"p={st.p_value:.3g}"
-    return f"n={st.n_kept}, {p}"
+    return f"n={st.n_kept}\n{p}"
+
+
+def _wrap_name(name: str | None) -> str:
+    """A model name as a tick label: ``"untrained:gpt2-small"`` on two lines."""
+    return (name or "scan").replace(":", ":\n")
 
 
 def plot_ordering_comparison(stats) -> Figure:
@@ -237,12 +242,12 @@ def plot_ordering_comparison(stats) -> Figure:
     )
     ax_tau.axhline(0, color="k", lw=0.8)
     ax_tau.set_ylabel("mean strict Kendall τ")
-    ax_tau.legend(fontsize=8, loc="lower right")
+    ax_tau.legend(fontsize=8, loc="best")
     ax_frac.bar(x, [st.frac_strictly_increasing for st in stats.values()], 0.6, color=colors)
     ax_frac.set_ylabel("fraction with s strictly increasing")
     ax_frac.set_ylim(0, 1)
-    ax_frac.set_xticks(x, [n or "scan" for n in names])
-    ax_tau.set_xticks(x, [f"{n or 'scan'}\n{_p_label(st)}" for n, st in stats.items()])
+    ax_frac.set_xticks(x, [_wrap_name(n) for n in names])
+    ax_tau.set_xticks(x, [f"{_wrap_name(n)}\n{_p_label(st)}" for n, st in stats.items()])
     for ax in (ax_tau, ax_frac):
         ax.grid(alpha=0.3, axis="y")
     for color, (name, st) in zip(colors, stats.items(), strict=True):
