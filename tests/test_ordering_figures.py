@@ -98,8 +98,8 @@ def test_ordering_comparison(stats):
     trained, untrained = stats["trained"], stats["untrained"]
     assert trained.p_value == 0 and untrained.p_value > 0.05  # ordered vs. shuffled data
     assert labels == [
-        f"trained\nn={trained.n_kept}, p<0.005",  # 0 of 200 permutations reached it
-        f"untrained\nn={untrained.n_kept}, p={untrained.p_value:.3g}",
+        f"trained\nn={trained.n_kept}\np<0.005",  # 0 of 200 permutations reached it
+        f"untrained\nn={untrained.n_kept}\np={untrained.p_value:.3g}",
     ]
 
 
