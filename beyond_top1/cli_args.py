@@ -11,6 +11,14 @@ import argparse
 from beyond_top1.models import DEFAULT_MODEL
 
 
+def positive_int(value: str) -> int:
+    """An ``argparse`` type: an integer >= 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--model``, ``--device`` and ``--seed`` to ``parser``."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
@@ -25,7 +33,7 @@ def add_text_args(parser: argparse.ArgumentParser, *, n_texts: int, split: str) 
     parser.add_argument("--texts-file", help="your own texts: .txt (one per line) or .jsonl")
     parser.add_argument(
         "--n-texts",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"Wikipedia texts (default: {n_texts}); with --texts-file, the first N of the file "
         "(default: all)",
@@ -44,7 +52,7 @@ def texts_from_args(args: argparse.Namespace) -> list[str]:
 
     if args.texts_file:
         texts = load_texts(args.texts_file)
-        return texts[: args.n_texts] if args.n_texts else texts
+        return texts[: args.n_texts] if args.n_texts is not None else texts
     n_texts = args.n_texts if args.n_texts is not None else args.default_n_texts
     return wiki_texts(n_texts, split=args.split, seed=args.seed)
 

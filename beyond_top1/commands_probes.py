@@ -48,7 +48,7 @@ def _scan_and_lens(args: argparse.Namespace, model, texts):
     lens = read_lens_arg(model, args.lens)
     folder = Path(args.out) / "scan"
     if (folder / "summary.json").exists():
-        return load_scan(folder), lens
+        return _reused_scan(folder, args, lens, texts), lens
     description = texts_source(args, len(texts))
     result = scan(
         model,
@@ -64,6 +64,28 @@ def _scan_and_lens(args: argparse.Namespace, model, texts):
         texts_description=description,
     )
     return result, lens
+
+
+def _reused_scan(folder: Path, args: argparse.Namespace, lens, texts):
+    """The finished scan in ``folder``, if it was made with these arguments; else an error."""
+    from beyond_top1.scans import ScanFileError, load_scan, texts_fingerprint
+
+    result = load_scan(folder)
+    made = result.settings or {}
+    wanted = {
+        "lens": args.lens or lens.kind,
+        "k": args.scan_k,
+        "precision": args.precision,
+        "max_len": args.max_len,
+        "texts_sha256": texts_fingerprint(texts),
+    }
+    differ = [key for key, value in wanted.items() if made.get(key) != value]
+    if differ:
+        raise ScanFileError(
+            f"{folder} holds a scan made with other settings ({', '.join(differ)} differ); "
+            "delete it or choose another --out"
+        )
+    return result
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

@@ -54,6 +54,13 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=_cmd_reproduce)
 
 
+def torch_threads() -> int:
+    """Torch's default intra-op thread count."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def choose_threads(setting: str | int | None) -> tuple[int | None, str]:
     """``(threads or None for torch's default, why)`` for ``--threads``."""
     import os
@@ -63,8 +70,13 @@ def choose_threads(setting: str | int | None) -> tuple[int | None, str]:
             load = os.getloadavg()[0]
         except (AttributeError, OSError):  # not on every platform
             return None, ""
-        if load >= 1.0:
-            return 1, f"auto: load average {load:.1f}, other work is running; --threads N to set"
+        free = round((os.cpu_count() or 1) - load)
+        if load >= 1.0 and free < torch_threads():
+            threads = max(1, free)
+            return threads, (
+                f"auto: load average {load:.1f} on {os.cpu_count()} cores, other work is "
+                f"running: {threads} thread(s); --threads N to set"
+            )
         return None, ""
     try:
         threads = int(setting)

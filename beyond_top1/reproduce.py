@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -350,7 +351,9 @@ def reproduce(
     if isinstance(twins, Mapping):
         twin_models = [_Model(str(k), v, device=device, seed=seed) for k, v in twins.items()]
     else:
-        twin_models = [_Model(str(t), t, device=device, seed=seed) for t in twins]
+        twin_models = [_Model(str(t), t, device=device, seed=seed) for t in dict.fromkeys(twins)]
+    if label in {t.label for t in twin_models}:
+        raise ValueError(f"twin {label!r} is the model itself; name other models as twins")
     stages = Stages(out / "stages", force=force, log=say)
     ctx = _Context(scale, seed, progress, main, twin_models, stages)
     say(
@@ -358,6 +361,10 @@ def reproduce(
         f"scale {scale.name!r} -> {out}"
     )
     ctx.run_all()
+    unknown = sorted(set(force) - set(stages.records))
+    if unknown:
+        known = ", ".join(stages.records)
+        say(f"warning: --force {', '.join(unknown)}: no such stage (stages: {known})")
     seconds = time.perf_counter() - start
     settings = {
         "model": label,
@@ -491,10 +498,9 @@ class _Context:
             )
             lens.save(folder / "lens")
             _write_csv(history, folder / "training_history.csv")
-            last = history[history["step"] == history["step"].max()]
-            return {
+            return {  # the saved lens keeps each layer's best checkpoint
                 "steps": int(history["step"].max()),
-                "heldout_kl": float(last["heldout_kl"].mean()),
+                "heldout_kl": statistics.fmean(lens.training_settings["heldout_kl"]),
             }
 
         return self.stages.run(

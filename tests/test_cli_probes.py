@@ -57,6 +57,13 @@ def test_probe_then_intervene_in_process(tiny_cli, tmp_path, capsys):
     )  # fmt: skip
     assert code == 2
     assert "same texts" in capsys.readouterr().err
+    # the scan left in --out is reused only with the arguments it was made with
+    args = ["--k", "2", "--folds", "2", "--out", str(probe_dir)]
+    code = main(["probe", *ARGS, "--scan-k", "4", *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "(k differ)" in err and "another --out" in err
+    assert main(["probe", *ARGS, "--scan-k", "3", *args]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.slow

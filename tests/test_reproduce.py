@@ -337,3 +337,29 @@ def test_paper_only_stages_run_on_tiny_models(tmp_path):
     assert {"logit", "linear", "tuned"} <= set(records["lens-metrics"].metrics)
     page = result.report.read_text(encoding="utf-8")
     assert "Refinement gap and sub-module replacement" in page
+
+
+def test_auto_threads_leave_the_busy_cores(monkeypatch):
+    import os
+
+    from beyond_top1 import commands_reproduce as cr
+
+    monkeypatch.setattr(cr, "torch_threads", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.0, 0.0))
+    assert cr.choose_threads("auto")[0] is None  # idle: torch's default
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert cr.choose_threads("auto")[0] == 1  # one core busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 0.0, 0.0))
+    assert cr.choose_threads("auto")[0] == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert cr.choose_threads("auto")[0] is None  # plenty of free cores
+    assert cr.choose_threads("3")[0] == 3
+    with pytest.raises(ValueError, match="--threads"):
+        cr.choose_threads("0")
+
+
+def test_the_model_itself_is_not_a_twin(tmp_path):
+    with pytest.raises(ValueError, match="model itself"):
+        rp.reproduce("untrained:gpt2-small", tmp_path, scale="test", twins=["untrained:gpt2-small"])

@@ -101,8 +101,9 @@ class TunedLens(Lens):
 class TunedLensTraining:
     """Settings of :func:`train_tuned_lens` (stored in the saved lens' config).
 
-    ``time_limit_s`` bounds the whole call (init included): training stops before a step that
-    would overrun it, going by the durations of the steps and evaluations so far. ``clock``
+    ``time_limit_s`` counts the whole call (init included): training stops before a step that
+    would overrun it, going by the durations of the steps and evaluations so far (the init and
+    the first step always run). ``clock``
     says what is timed: ``"wall"`` seconds, or ``"cpu"``, this process' CPU seconds divided by
     torch's thread count, i.e. the wall time of the same work on an otherwise idle machine
     (for measuring on a shared machine).
@@ -209,7 +210,7 @@ def _heldout_kl(lens: TunedLens, layers, heldout: list[tuple[Tensor, Tensor]]) -
         for resid, log_p in heldout:
             for i, layer in enumerate(layers):
                 kl = _kl(log_p, lens(resid[:, i], layer))
-                totals[i] += kl.double() * resid.shape[0]
+                totals[i] += float(kl) * resid.shape[0]  # (kl may be on another device)
             count += resid.shape[0]
     return totals / count
 
@@ -262,8 +263,8 @@ def train_tuned_lens(
 
     Returns:
         The lens (in eval mode) and a DataFrame with one row per evaluation and layer: ``step,
-        tokens, seconds, cpu_seconds, layer, heldout_kl`` (``seconds`` on the ``clock`` of the
-        settings, init included).
+        tokens, seconds, wall_seconds, cpu_seconds, layer, heldout_kl`` (``seconds`` on the
+        ``clock`` of the settings, init included).
     """
     settings = settings or TunedLensTraining()
     settings = TunedLensTraining(**{**asdict(settings), **overrides})
