@@ -211,6 +211,7 @@ def test_benchmark_with_a_never_firing_criterion_agrees_fully(tiny_model):
     assert summary.loc["layer0"].mean_layers == 1.0
     assert summary.loc["layer0"].fraction_layers_saved == pytest.approx(2 / 3)
     assert len(bench.per_prompt) == 4 and "never" in repr(bench)
+    assert (summary["speedup"] > 0).all()
 
 
 def test_probe_exit_uses_the_probe_on_the_new_token(small_model):
