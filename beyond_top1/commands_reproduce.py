@@ -54,16 +54,11 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=_cmd_reproduce)
 
 
-def torch_threads() -> int:
-    """Torch's default intra-op thread count."""
-    import torch
-
-    return torch.get_num_threads()
-
-
 def choose_threads(setting: str | int | None) -> tuple[int | None, str]:
     """``(threads or None for torch's default, why)`` for ``--threads``."""
     import os
+
+    import torch
 
     if setting in (None, "", "auto"):
         try:
@@ -71,7 +66,7 @@ def choose_threads(setting: str | int | None) -> tuple[int | None, str]:
         except (AttributeError, OSError):  # not on every platform
             return None, ""
         free = round((os.cpu_count() or 1) - load)
-        if load >= 1.0 and free < torch_threads():
+        if load >= 1.0 and free < torch.get_num_threads():
             threads = max(1, free)
             return threads, (
                 f"auto: load average {load:.1f} on {os.cpu_count()} cores, other work is "

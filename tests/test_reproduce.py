@@ -342,9 +342,11 @@ def test_paper_only_stages_run_on_tiny_models(tmp_path):
 def test_auto_threads_leave_the_busy_cores(monkeypatch):
     import os
 
+    import torch
+
     from beyond_top1 import commands_reproduce as cr
 
-    monkeypatch.setattr(cr, "torch_threads", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.0, 0.0))
     assert cr.choose_threads("auto")[0] is None  # idle: torch's default
