@@ -1,8 +1,9 @@
 """Stream residual streams over many texts, one batch at a time.
 
 Every corpus-level analysis reads from :func:`stream_residuals`. It caches only the hooks it
-needs (``names_filter``), keeps only the real, scored positions of each batch (padding and BOS
-are dropped before anything is yielded), and holds no more than one batch in memory.
+needs (``names_filter``), keeps only the real, scored positions of each batch (padding and
+position 0, the BOS or attention-sink token, are dropped before anything is yielded; see
+:mod:`beyond_top1.data`), and holds no more than one batch in memory.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
-from beyond_top1.data import iter_token_batches
+from beyond_top1.data import DEFAULT_SCORE_FIRST, iter_token_batches
 
 
 @dataclass
@@ -64,6 +65,7 @@ def stream_residuals(
     max_len: int | None = None,
     skip_batches: int = 0,
     progress: bool = True,
+    score_first: bool = DEFAULT_SCORE_FIRST,
 ) -> Iterator[ResidualBatch]:
     """Run ``model`` over ``texts`` in batches and yield residual streams of scored positions.
 
@@ -73,6 +75,8 @@ def stream_residuals(
         layers: layer indices to cache (``None``: all ``resid_post`` layers; ``-1``: embedding).
         skip_batches: batches to skip without running the model (for resuming a run).
         progress: show a tqdm progress bar (counted in texts).
+        score_first: score position 0 of a model without BOS (default: not; it is the
+            attention sink, see :mod:`beyond_top1.data`).
 
     Yields:
         :class:`ResidualBatch` per batch, on the model's device.
@@ -82,7 +86,9 @@ def stream_residuals(
     total = len(texts) if hasattr(texts, "__len__") else None
     bar = tqdm(total=total, unit="text", desc="forward", disable=not progress, leave=False)
     try:
-        batches = iter_token_batches(model, texts, batch_size=batch_size, max_len=max_len)
+        batches = iter_token_batches(
+            model, texts, batch_size=batch_size, max_len=max_len, score_first=score_first
+        )
         for index, batch in enumerate(batches):
             bar.update(len(batch.text_ids))
             if index < skip_batches:
@@ -105,6 +111,13 @@ def stream_residuals(
         bar.close()
 
 
-def count_scored_tokens(model, texts: Iterable[str], *, max_len: int | None = None) -> int:
+def count_scored_tokens(
+    model,
+    texts: Iterable[str],
+    *,
+    max_len: int | None = None,
+    score_first: bool = DEFAULT_SCORE_FIRST,
+) -> int:
     """Number of positions :func:`stream_residuals` would yield for ``texts`` (tokenizes only)."""
-    return sum(b.n_tokens for b in iter_token_batches(model, texts, max_len=max_len))
+    batches = iter_token_batches(model, texts, max_len=max_len, score_first=score_first)
+    return sum(b.n_tokens for b in batches)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from beyond_top1.cli_args import (
     add_model_args,
+    add_score_first_arg,
     add_text_args,
     load_model_from_args,
     read_lens_arg,
@@ -45,9 +46,11 @@ def _cmd_fit_lens(args: argparse.Namespace) -> int:
             ridge=args.ridge,
             batch_size=args.batch_size,
             max_len=args.max_len,
+            score_first=args.score_first_token,
         )
     else:
         overrides = {"max_steps": args.max_steps, "lr": args.lr, "seed": args.seed}
+        overrides["score_first"] = args.score_first_token
         if args.time_limit is not None:
             overrides["time_limit_s"] = args.time_limit
             overrides["clock"] = args.clock
@@ -81,7 +84,14 @@ def _cmd_eval_lens(args: argparse.Namespace) -> int:
     texts = texts_from_args(args)
     out = Path(args.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    frame = evaluate_lenses(model, lenses, texts, batch_size=args.batch_size, max_len=args.max_len)
+    frame = evaluate_lenses(
+        model,
+        lenses,
+        texts,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        score_first=args.score_first_token,
+    )
     frame.to_csv(out / "lens_metrics.csv", index=False)
     (out / "lens_metrics.json").write_text(frame.to_json(orient="records", indent=1))
     for metric, figure in plot_lens_metrics(frame).items():
@@ -91,7 +101,12 @@ def _cmd_eval_lens(args: argparse.Namespace) -> int:
 
         fit_texts = wiki_texts(args.fit_texts, split="train", seed=args.seed)
         matrix = quality_of_fit_matrix(
-            model, fit_texts, texts, batch_size=args.batch_size, max_len=args.max_len
+            model,
+            fit_texts,
+            texts,
+            batch_size=args.batch_size,
+            max_len=args.max_len,
+            score_first=args.score_first_token,
         )
         matrix.to_csv(out / "quality_of_fit.csv", index=False)
         save_figure(plot_quality_of_fit(matrix), out / "figures" / "quality_of_fit")
@@ -122,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="folder to write the lens to")
     add_model_args(fit)
     add_text_args(fit, n_texts=500, split="train")
+    add_score_first_arg(fit)
     fit.add_argument("--ridge", type=float, default=1e-4, help="linear: relative ridge term")
     fit.add_argument("--bias", action="store_true", help="linear: fit a bias too")
     fit.add_argument("--init", default="linear", choices=["linear", "zero"], help="tuned: init")
@@ -145,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fit-texts", type=int, default=200, help="train texts for that map")
     add_model_args(ev)
     add_text_args(ev, n_texts=200, split="val")
+    add_score_first_arg(ev)
     ev.set_defaults(run=_cmd_eval_lens)
 
     from beyond_top1 import (

@@ -46,6 +46,16 @@ def add_text_args(parser: argparse.ArgumentParser, *, n_texts: int, split: str) 
     parser.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
 
 
+def add_score_first_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--score-first-token`` (score position 0 of a model without BOS)."""
+    parser.add_argument(
+        "--score-first-token",
+        action="store_true",
+        help="also score position 0 of a model without BOS; by default it is left out, as the "
+        "attention sink (see beyond_top1.data)",
+    )
+
+
 def texts_from_args(args: argparse.Namespace) -> list[str]:
     """The texts :func:`add_text_args` describes: ``--texts-file`` or Wikipedia texts."""
     from beyond_top1.data import load_texts, wiki_texts

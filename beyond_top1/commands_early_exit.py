@@ -183,7 +183,7 @@ def add_parser(subparsers) -> None:
     add_model_args(sim)
     add_text_args(sim, n_texts=60, split="val")
     _add_lens_args(sim)
-    sim.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    sim.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     sim.add_argument("--m", type=int, default=6, help="better-LM: early means s_2 <= L-1-m")
     sim.set_defaults(run=_cmd_simulate)
 

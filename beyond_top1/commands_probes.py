@@ -28,7 +28,7 @@ def _add_scan_args(parser: argparse.ArgumentParser, *, k: int) -> None:
         "--scan-k", type=int, default=k, help="ranks tracked when running the scan (%(default)s)"
     )
     parser.add_argument(
-        "--precision", default="bf16", choices=["fp32", "bf16"], help="lens readout precision"
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="lens readout precision"
     )
     parser.add_argument("--out", required=True, help="folder for the results")
 
@@ -138,7 +138,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _cmd_intervene(args: argparse.Namespace) -> int:
     from beyond_top1.figures import plot_intervention_success, save_figure
-    from beyond_top1.interventions import intervene
+    from beyond_top1.interventions import SUMMARY_COLUMNS, intervene
     from beyond_top1.probes import load_probe
 
     model = load_model_from_args(args)
@@ -156,6 +156,7 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
         delta=args.delta,
         max_distance=args.max_distance,
         max_pairs=args.max_pairs,
+        direction=args.direction,
         controls=not args.no_controls,
         probe=probe,
         batch_size=args.rows_per_batch,
@@ -166,9 +167,8 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
     by_offset = result.by_offset()
     if len(by_offset):
         save_figure(plot_intervention_success(by_offset), out / "figures" / "intervention_success")
-    columns = ["n", "success_rate", "strict_rate", "random_success_rate", "own_success_rate"]
-    present = [c for c in columns if c in by_offset.columns]
-    print(f"# {len(result.pairs)} pairs (Δ = {result.settings['delta']})")
+    present = [c for c in SUMMARY_COLUMNS if c in by_offset.columns]
+    print(f"# {len(result.pairs)} {args.direction} pairs (Δ = {result.settings['delta']})")
     if len(by_offset):
         print(by_offset[["d", *present]].round(3).to_string(index=False))
         print(result.by_sign()[["offsets", *present]].round(3).to_string(index=False))
@@ -207,7 +207,15 @@ def add_parser(commands) -> None:
     iv.add_argument("--delta", type=int, help="min s_1 gap (default: 10 for >= 24 layers)")
     iv.add_argument("--max-distance", type=int, default=30, help="max tokens between the pair")
     iv.add_argument("--max-pairs", type=int, default=200, help="pairs to use (seeded sample)")
-    iv.add_argument("--no-controls", action="store_true", help="skip the random-vector control")
+    iv.add_argument(
+        "--direction",
+        default="forward",
+        choices=["forward", "backward"],
+        help="forward: the source comes before the target (default); backward: after it",
+    )
+    iv.add_argument(
+        "--no-controls", action="store_true", help="skip the matched and random controls"
+    )
     iv.add_argument("--rows-per-batch", type=int, default=32, help="patched runs per pass")
     iv.add_argument("--engine", default="cached", choices=["cached", "full"])
     iv.set_defaults(run=_cmd_intervene)

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from beyond_top1.cli_args import (
     add_model_args,
+    add_score_first_arg,
     add_text_args,
     load_model_from_args,
     read_lens_arg,
     texts_from_args,
     texts_source,
 )
+from beyond_top1.saturation import ORDERING_LABELS
 
 
 def add_parser(commands) -> None:
@@ -26,13 +28,15 @@ def add_parser(commands) -> None:
     )
     add_model_args(scan)
     add_text_args(scan, n_texts=200, split="val")
+    add_score_first_arg(scan)
     scan.add_argument("--k", type=int, default=5, help="ranks to track (default: %(default)s)")
     scan.add_argument("--lens", default="logit", help="'logit' or a saved lens folder")
     scan.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
         default="fp32",
-        help="bf16: verified fast path, same saturation layers (default: %(default)s)",
+        help="which GEMM proposes candidates; the exact rule gives the same top-k ids, "
+        "ranks within k and saturation layers either way (default: %(default)s)",
     )
     scan.add_argument("--out", required=True, help="output folder")
     scan.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -67,6 +71,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         lens_source=args.lens,
         texts_description=source,
         n_permutations=args.permutations,
+        score_first=args.score_first_token,
     )
     summary = json.loads((Path(args.out) / "summary.json").read_text())
     timing = json.loads((Path(args.out) / "timing.json").read_text())
@@ -77,25 +82,12 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
-ROWS = (
-    ("n_positions", "positions"),
-    ("n_filtered", "after s_1 filter"),
-    ("n_kept", "kept (k' >= 3)"),
-    ("mean_tau", "mean strict tau"),
-    ("tau_se", "  SE"),
-    ("null_mean", "null mean"),
-    ("null_std", "  null SD"),
-    ("p_value", "p (perm.)"),
-    ("frac_strictly_increasing", "strictly ordered"),
-)
-
-
 def _format_table(columns: dict[str, dict]) -> str:
     import pandas as pd
 
     table = pd.DataFrame(
-        {name: [stats.get(key) for key, _ in ROWS] for name, stats in columns.items()},
-        index=[label for _, label in ROWS],
+        {name: [stats.get(key) for key in ORDERING_LABELS] for name, stats in columns.items()},
+        index=list(ORDERING_LABELS.values()),
     )
     return table.to_string(float_format=lambda x: f"{x:.4g}")
 

@@ -6,6 +6,12 @@
   (``{"text": ...}`` per line).
 * :func:`tokenize_texts` and :func:`iter_token_batches`: right-padded batches with a mask of the
   real tokens, so that padding never enters a statistic.
+
+**Position 0 is not scored by default.** It is the attention sink: the BOS token where the model
+prepends one, otherwise the first token of the text, whose residual then carries the sink's
+massive activations (SmolLM2, layer 15: median norm 22,891 against 174 elsewhere, so 1.6% of the
+positions would hold 99.7% of ``XᵀX`` in a least-squares lens fit). ``score_first=True`` scores
+the first token of a model without BOS (a BOS position is never scored).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from beyond_top1.assets import WIKI_SUMMARIES
 
 SPLITS = ("train", "val", "all")
 DEFAULT_MAX_LEN = 128
+DEFAULT_SCORE_FIRST = False  # see the module docstring
 VAL_FRACTION = 0.1
 
 
@@ -141,8 +148,9 @@ def tokenize(model, text: str, *, max_len: int | None = None, truncate: bool = F
 class TokenBatch:
     """Right-padded token ids with a mask of real tokens.
 
-    ``scored`` marks positions whose prediction enters statistics: real tokens, without the BOS
-    token the model may prepend. ``next_tokens`` is the gold next token (``-1`` where none).
+    ``scored`` marks positions whose prediction enters statistics: real tokens, without position 0
+    unless it is to be scored (see the module docstring). ``next_tokens`` is the gold next token
+    (``-1`` where none).
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -157,9 +165,14 @@ class TokenBatch:
 
 
 def make_token_batch(
-    token_lists: Sequence[Sequence[int]], text_ids: Sequence[int], *, pad_id: int, bos: bool
+    token_lists: Sequence[Sequence[int]],
+    text_ids: Sequence[int],
+    *,
+    pad_id: int,
+    skip_first: bool,
 ) -> TokenBatch:
-    """Pad ``token_lists`` on the right into one :class:`TokenBatch`."""
+    """Pad ``token_lists`` on the right into one :class:`TokenBatch` (``skip_first``: position 0
+    is not scored)."""
     width = max(len(ids) for ids in token_lists)
     batch = len(token_lists)
     tokens = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -171,7 +184,7 @@ def make_token_batch(
         next_tokens[row, : len(ids) - 1] = ids_t[1:]
         mask[row, : len(ids)] = True
     scored = mask.clone()
-    if bos:
+    if skip_first:
         scored[:, 0] = False
     return TokenBatch(tokens, mask, scored, next_tokens, torch.as_tensor(list(text_ids)))
 
@@ -183,11 +196,13 @@ def iter_token_batches(
     batch_size: int = 8,
     max_len: int | None = None,
     start_text_id: int = 0,
+    score_first: bool = DEFAULT_SCORE_FIRST,
 ) -> Iterator[TokenBatch]:
     """Tokenize ``texts`` lazily (truncating each to ``max_len``) and yield padded batches.
 
     ``max_len=None`` means 128 tokens, or the model's context if that is shorter. Texts are
     numbered from ``start_text_id`` in input order. Empty texts raise ``ValueError``.
+    ``score_first``: score position 0 of a model without BOS (see the module docstring).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -196,6 +211,7 @@ def iter_token_batches(
     tok = hooked.tokenizer(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     bos = hooked.prepends_bos(model) and tok.bos_token_id is not None
+    skip_first = bos or not score_first
     pending: list[list[int]] = []
     ids: list[int] = []
     for text_id, text in enumerate(texts, start=start_text_id):
@@ -205,7 +221,7 @@ def iter_token_batches(
             raise ValueError(f"text {text_id}: {exc}") from None
         ids.append(text_id)
         if len(pending) == batch_size:
-            yield make_token_batch(pending, ids, pad_id=pad_id, bos=bos)
+            yield make_token_batch(pending, ids, pad_id=pad_id, skip_first=skip_first)
             pending, ids = [], []
     if pending:
-        yield make_token_batch(pending, ids, pad_id=pad_id, bos=bos)
+        yield make_token_batch(pending, ids, pad_id=pad_id, skip_first=skip_first)

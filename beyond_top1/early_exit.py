@@ -54,10 +54,12 @@ from jaxtyping import Float, Int
 
 from beyond_top1 import hooked
 from beyond_top1.activations import stream_residuals
+from beyond_top1.data import DEFAULT_SCORE_FIRST
 from beyond_top1.lenses import Lens, LogitLens
 from beyond_top1.ranking import PRECISIONS, lens_topk
 from beyond_top1.saturation import saturation_layers
 
+MARGIN_TOLERANCE = 1e-4  # bf16: margins less certain than this are read again in fp32
 METHODS = ("oracle", "probe", "probe_conf", "margin", "cosine", "confidence_004", "fixed")
 THRESHOLD_METHODS = ("probe_conf", "margin", "cosine", "confidence_004", "fixed")
 TAU_004 = 4.0
@@ -236,6 +238,7 @@ def collect_exit_signals(
     max_len: int | None = None,
     precision: str = "fp32",
     progress: bool = True,
+    score_first: bool = DEFAULT_SCORE_FIRST,
 ) -> ExitSignals:
     """One streaming pass over ``texts`` recording every criterion's per-layer signal.
 
@@ -243,8 +246,12 @@ def collect_exit_signals(
         lenses: name -> lens (default ``{"logit": LogitLens(model)}``); each gives a top-1, a
             ``p_1 - p_2`` margin and ``s_1, s_2`` at every layer (``lens_topk`` with ``k = 2``).
         probe: optional task probe with ``predict(X[n, d_model]) -> task (1-based)``.
-        precision: ``"fp32"`` or ``"bf16"`` (verified: same top-2 ids; see
-            :mod:`beyond_top1.ranking`).
+        precision: ``"fp32"`` or ``"bf16"``: the same top-2 ids either way (see
+            :mod:`beyond_top1.ranking`). A margin rests on the log-normaliser, which bf16
+            bounds only to ~0.02 nats: positions whose margin bound
+            ``(p_1 + p_2)(e^{err} - 1)`` exceeds ``MARGIN_TOLERANCE`` at some layer are read
+            again in fp32.
+        score_first: score position 0 of a model without BOS (see :mod:`beyond_top1.data`).
 
     Returns:
         :class:`ExitSignals` over positions that have a gold next token.
@@ -269,7 +276,9 @@ def collect_exit_signals(
         batch_size=batch_size,
         max_len=max_len,
         progress=progress,
+        score_first=score_first,
     )
+    n_reread = 0
     for batch in batches:
         keep = batch.next_token_ids >= 0
         if not bool(keep.any()):
@@ -282,9 +291,17 @@ def collect_exit_signals(
         final_ids = None
         for name, lens in lenses.items():
             readout = lens_topk(lens, resid[:, 1:], tuple(range(L)), 2, precision=precision)
-            probs = readout.top_logprobs.exp()
+            probs = readout.top_logprobs.double().exp()
+            margin = probs[..., 0] - probs[..., 1]
+            bound = probs.sum(-1) * torch.expm1(readout.logprob_error.double())
+            loose = (bound > MARGIN_TOLERANCE).any(-1).nonzero().squeeze(-1)
+            if readout.precision == "bf16" and len(loose):
+                again = lens_topk(lens, resid[loose, 1:], tuple(range(L)), 2, precision="fp32")
+                exact = again.top_logprobs.double().exp()
+                margin[loose] = exact[..., 0] - exact[..., 1]
+                n_reread += len(loose)
             add(f"top1__{name}", readout.top_ids[..., 0].cpu().numpy().astype(np.int64))
-            add(f"margin__{name}", (probs[..., 0] - probs[..., 1]).cpu().numpy())
+            add(f"margin__{name}", margin.cpu().numpy())
             s = saturation_layers(readout.top_ids)
             add(f"saturation__{name}", s.cpu().numpy().astype(np.int64))
             if final_ids is None:
@@ -322,8 +339,10 @@ def collect_exit_signals(
             "model_name": hooked.model_name(model),
             "lenses": {n: lens.kind for n, lens in lenses.items()},
             "precision": precision,
+            "positions_reread_in_fp32": n_reread,
             "batch_size": batch_size,
             "max_len": max_len,
+            "score_first": bool(score_first),
             "n_texts": n_texts,
             "probe": type(probe).__name__ if probe is not None else None,
         },
@@ -355,6 +374,7 @@ def with_probe(
         batch_size=batch_size,
         max_len=max_len,
         progress=progress,
+        score_first=bool(signals.settings.get("score_first", True)),  # older signals scored it
     )
     for batch in batches:
         keep = batch.next_token_ids >= 0

@@ -154,7 +154,8 @@ def _distribution(item) -> tuple[pd.DataFrame, int, str]:
     from beyond_top1.saturation import OrderingStats, saturation_distribution
 
     if isinstance(item, OrderingStats):
-        return item.distribution, item.n_layers, f"{item.n_filtered} filtered positions"
+        label = f"{item.n_passing_filter} positions passing the filter"
+        return item.distribution, item.n_layers, label
     if hasattr(item, "saturation_array") and hasattr(item, "n_layers"):  # a ScanResult
         s = item.saturation_array()
         return saturation_distribution(s, item.n_layers), item.n_layers, f"{len(s)} positions"
@@ -204,8 +205,11 @@ def plot_saturation_histograms(items, *, relative: bool | None = None) -> Figure
 
 def _p_label(st) -> str:
     """``n=…, p=…`` under a τ bar; a p of 0 is reported as below one permutation's share."""
-    p = f"p<{1 / st.n_permutations:.2g}" if st.p_value == 0 else f"p={st.p_value:.3g}"
-    return f"n={st.n_kept}\n{p}"
+
+    def fmt(p: float) -> str:
+        return f"<{1 / st.n_permutations:.2g}" if p == 0 else f"={p:.3g}"
+
+    return f"n={st.n_kept}\np(a){fmt(st.p_value_kept)}\np(b){fmt(st.p_value_all)}"
 
 
 def _wrap_name(name: str | None) -> str:
@@ -231,15 +235,19 @@ def plot_ordering_comparison(stats) -> Figure:
     ses = [0.0 if np.isnan(st.tau_se) else st.tau_se for st in stats.values()]
     colors = [f"C{i}" for i in range(len(names))]
     ax_tau.bar(x, taus, 0.6, yerr=ses, color=colors, capsize=4, label="observed")
-    ax_tau.errorbar(
-        x,
-        [st.null_mean for st in stats.values()],
-        yerr=[2 * st.null_std for st in stats.values()],
-        fmt="s",
-        color="grey",
-        capsize=4,
-        label="permutation null ±2σ",
-    )
+    for offset, convention, marker, label in (
+        (-0.12, "kept", "s", "null (a) shuffle kept ranks ±2σ"),
+        (0.12, "all", "v", "null (b) shuffle all k, re-drop ±2σ"),
+    ):
+        ax_tau.errorbar(
+            x + offset,
+            [getattr(st, f"null_{convention}_mean") for st in stats.values()],
+            yerr=[2 * getattr(st, f"null_{convention}_std") for st in stats.values()],
+            fmt=marker,
+            color="grey",
+            capsize=4,
+            label=label,
+        )
     ax_tau.axhline(0, color="k", lw=0.8)
     ax_tau.set_ylabel("mean strict Kendall τ")
     ax_tau.legend(fontsize=8, loc="best")
@@ -397,7 +405,8 @@ def plot_probe_per_layer(
 
 def plot_intervention_success(by_offset, *, ax: Axes | None = None) -> Figure:
     """Task-shift success rate against the offset ``d`` (``InterventionResult.by_offset()``),
-    with ±1 SE bars, the strict rate, and the random-vector and own-activation controls.
+    with ±1 SE bars, the strict rate, and the matched-donor and random-vector controls (both
+    can succeed; see :mod:`beyond_top1.interventions`).
 
     ``by_offset``: one frame, or ``{label: frame}`` (e.g. one per model).
     """
@@ -425,24 +434,20 @@ def plot_intervention_success(by_offset, *, ax: Axes | None = None) -> Figure:
             alpha=0.8,
             label=f"patch: s₁ = l{name}",
         )
-        if "random_success_rate" in frame.columns and frame["random_n"].sum() > 0:
-            ax.plot(
-                frame["d"],
-                frame["random_success_rate"],
-                marker="x",
-                linestyle=":",
-                color=color,
-                alpha=0.8,
-                label=f"random-vector control{name}",
-            )
-        ax.plot(
-            frame["d"],
-            frame["own_success_rate"],
-            linestyle="-.",
-            color="grey",
-            alpha=0.6,
-            label=f"own-activation control{name}",
-        )
+        for control, marker, style, text in (
+            ("matched", "^", "-.", "matched donor (same top-1 at l, not final)"),
+            ("random", "x", ":", "random same-layer state"),
+        ):
+            if f"{control}_success_rate" in frame.columns and frame[f"{control}_n"].sum() > 0:
+                ax.plot(
+                    frame["d"],
+                    frame[f"{control}_success_rate"],
+                    marker=marker,
+                    linestyle=style,
+                    color=color,
+                    alpha=0.7,
+                    label=f"control: {text}{name}",
+                )
     ax.axvline(-0.5, color="black", linewidth=0.6, alpha=0.4)
     ax.set_xlabel("offset d (patched layer l = s₁(source) + d)")
     ax.set_ylabel("fraction of pairs")

@@ -1,29 +1,36 @@
 """Task-shift interventions (paper 001; DESIGN.md §3 "Intervention").
 
 Pairs of positions in one text (at most ``max_distance`` tokens apart) share their final top-1
-token, but the *source* fixes it at least ``delta`` layers before the *target*. For an offset
-``d`` the source's ``resid_post`` at layer ``l = s_src + d`` is copied into the target's
+token, but the *source* fixes it at least ``delta`` layers before the *target*, and comes
+**strictly before** it in the text (``direction="forward"``; a later source would inject context
+the target cannot see, so ``"backward"`` pairs are only ever reported on their own). For an
+offset ``d`` the source's ``resid_post`` at layer ``l = s_src + d`` is copied into the target's
 ``resid_post`` at the same layer, with a hook on ``blocks.{l}.hook_resid_post`` that replaces
 **only the target position** (:func:`hooks.copy_positions`; the public code of 001 replaced a
 whole block's output for every position). The model then runs on and the target's ``s_1`` is
 recomputed under the lens from its residuals at every layer. Success: the final top-1 is
 unchanged and the new ``s_1 <= l``; strict success: new ``s_1 == l``.
 
-Controls: *own*, the target's own ``resid_post`` copied into itself (an exact no-op: it
-reproduces the unpatched run bit for bit, which gives each pair's unpatched baseline in the same
-batch layout); *random*, a same-layer vector from another position of the same text whose final
-top-1 differs from the target's. With a task probe, the probe's predicted task at the layers
-after ``l`` is compared before and after the patch (did it move from 1 to 2?).
+Controls that can succeed (each trial kind is a row of the trial table):
+
+* ``matched``: a donor position of the same text, before the target, whose lens top-1 at
+  layer ``l`` is the source's lens top-1 at ``l`` but which has not saturated yet
+  (``s_1 > l``): the same content as the real patch, another task state.
+* ``random``: the same-layer state of a random other position of the same text (any top-1).
+
+``own`` (the target's own state copied into itself) is an exact no-op that gives each pair's
+unpatched baseline in the same batch layout; it cannot succeed when ``l < s_tgt`` and is never
+reported as a control. With a task probe fitted on *other* texts (checked), the probe's
+predicted task after ``l`` is compared before and after the patch (did it move from 1 to 2?).
 
 Patched runs are batched: one patch per batch row, many pairs and offsets per forward pass.
-Each row is cut after the last position it uses: the model is causal, so the target's
-computation never sees the positions after it (nor after the source it reads).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +42,31 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
+from beyond_top1.data import tokenize
 from beyond_top1.jsonutil import to_jsonable
+from beyond_top1.lenses import LogitLens
+from beyond_top1.probes import text_hash
 from beyond_top1.ranking import lens_topk
-from beyond_top1.saturation import saturation_layers
+from beyond_top1.saturation import DEFAULT_FILTER_FRACTION, position_filter, saturation_layers
 
 DEFAULT_MAX_DISTANCE = 30
 DEFAULT_MAX_PAIRS = 200
-KINDS = ("patch", "random", "own")
+KINDS = ("patch", "matched", "random", "own")
+CONTROLS = ("matched", "random")  # controls that can succeed (see the module docstring)
+DIRECTIONS = ("forward", "backward")
+# The columns of a rates table worth printing (CLI, report, experiments).
+SUMMARY_COLUMNS = (
+    "n",
+    "success_rate",
+    "success_se",
+    "strict_rate",
+    "matched_n",
+    "matched_success_rate",
+    "effect_vs_matched",
+    "effect_vs_matched_se",
+    "random_n",
+    "random_success_rate",
+)
 
 
 def default_delta(n_layers: int) -> int:
@@ -74,6 +99,8 @@ def find_pairs(
     delta: int | None = None,
     max_pairs: int | None = DEFAULT_MAX_PAIRS,
     one_per_target: bool = True,
+    direction: str = "forward",
+    text_ids: Collection[int] | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Source/target pairs for the task-shift intervention.
@@ -89,10 +116,15 @@ def find_pairs(
         max_pairs: keep at most this many, chosen at random (seeded); ``None`` keeps all.
         one_per_target: use each target position in at most one pair (the first after a
             seeded shuffle), so that no target is counted twice.
+        direction: ``"forward"`` (default): the source comes strictly before the target, so the
+            patch carries only context the target can see; ``"backward"``: strictly after
+            (report those separately).
+        text_ids: only pairs from these texts (e.g. those a probe was not fitted on).
 
     Returns:
         One row per pair, sorted by text and target: ``pair_id, text_id, src_pos, tgt_pos,
-        src_row, tgt_row`` (rows of the scan), ``top1_id, s_src, s_tgt, gap, distance``.
+        src_row, tgt_row`` (rows of the scan), ``top1_id, s_src, s_tgt, gap, distance,
+        direction``.
     """
     if hasattr(scan, "saturation"):
         frame, n_layers = scan.saturation, n_layers or scan.n_layers
@@ -101,6 +133,8 @@ def find_pairs(
     missing = {"text_id", "pos", "top_1_id", "s_1"} - set(frame.columns)
     if missing:
         raise ValueError(f"the frame lacks columns {sorted(missing)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if delta is None:
         if n_layers is None:
             raise ValueError("pass delta, or n_layers for the default")
@@ -117,9 +151,14 @@ def find_pairs(
         }
     )
     merged = base.merge(base, on=["text_id", "top1_id"], suffixes=("_src", "_tgt"))
-    distance = (merged["pos_tgt"] - merged["pos_src"]).abs()
+    ahead = merged["pos_tgt"] - merged["pos_src"]  # > 0: the source comes first
+    if direction == "backward":
+        ahead = -ahead
     gap = merged["s_tgt"] - merged["s_src"]
-    merged = merged[(distance <= max_distance) & (gap >= delta) & (distance > 0)]
+    keep = (ahead > 0) & (ahead <= max_distance) & (gap >= delta)
+    if text_ids is not None:
+        keep &= merged["text_id"].isin(list(text_ids))
+    merged = merged[keep]
     pairs = pd.DataFrame(
         {
             "text_id": merged["text_id"].to_numpy(),
@@ -142,8 +181,10 @@ def find_pairs(
     pairs = pairs.sort_values(["text_id", "tgt_pos", "src_pos"]).reset_index(drop=True)
     pairs["gap"] = pairs["s_tgt"] - pairs["s_src"]
     pairs["distance"] = (pairs["tgt_pos"] - pairs["src_pos"]).abs()
+    pairs["direction"] = direction
     pairs.insert(0, "pair_id", np.arange(len(pairs)))
     pairs.attrs.update({"delta": int(delta), "max_distance": int(max_distance), "seed": seed})
+    pairs.attrs["direction"] = direction
     return pairs
 
 
@@ -323,12 +364,14 @@ class InterventionResult:
 
     Attributes:
         pairs: the pairs (see :func:`find_pairs`) plus each target's unpatched baseline from the
-            own-activation control: ``base_s1``, ``base_top1``, ``base_matches_scan``.
-        trials: one row per patched run: ``pair_id, kind`` (``patch``, ``random``, ``own``),
-            ``d, layer, from_pos, new_s1, new_top1, top1_unchanged, success, strict`` and, with
-            a probe, ``probe_next_before/after`` (predicted task at the first probe layer after
-            ``l``, unpatched/patched) and ``probe_ge2_before/after`` (fraction of probe layers
-            after ``l`` predicted as task >= 2).
+            own-activation run: ``base_s1``, ``base_top1``, ``base_matches_scan``, and
+            ``tgt_in_probe_population`` (the target passes the position filter the probe's
+            training rows passed).
+        trials: one row per patched run: ``pair_id, kind`` (``patch``, ``matched``, ``random``,
+            ``own``), ``d, layer, from_pos, new_s1, new_top1, top1_unchanged, success, strict``
+            and, with a probe, ``probe_next_before/after`` (predicted task at the first probe
+            layer after ``l``, unpatched/patched) and ``probe_ge2_before/after`` (fraction of
+            probe layers after ``l`` predicted as task >= 2).
     """
 
     pairs: pd.DataFrame
@@ -336,7 +379,7 @@ class InterventionResult:
     settings: dict = field(default_factory=dict)
 
     def by_offset(self) -> pd.DataFrame:
-        """Success rates per offset ``d``, with counts and both controls."""
+        """Success rates per offset ``d``: the patch and each control, with counts and SEs."""
         return _rates(self, self.trials["d"], "d")
 
     def by_sign(self) -> pd.DataFrame:
@@ -354,8 +397,6 @@ class InterventionResult:
 
     def save(self, directory: str | Path) -> Path:
         """``pairs.csv``, ``trials.csv``, ``by_offset.csv``, ``by_sign.csv``, ``summary.json``."""
-        import json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.pairs.to_csv(directory / "pairs.csv", index=False)
@@ -369,8 +410,8 @@ class InterventionResult:
 
     def __repr__(self) -> str:
         return (
-            f"InterventionResult({len(self.pairs)} pairs, {len(self.trials)} patched runs, "
-            f"offsets {self.settings.get('offsets')})"
+            f"InterventionResult({len(self.pairs)} {self.settings.get('direction', '')} pairs, "
+            f"{len(self.trials)} patched runs, offsets {self.settings.get('offsets')})"
         )
 
     def _repr_html_(self) -> str:
@@ -378,91 +419,160 @@ class InterventionResult:
         return f"<div><b>{self!r}</b>{table}</div>"
 
 
-def _rate(flags: pd.Series) -> tuple[int, int, float, float]:
-    n = int(flags.notna().sum())
-    hits = int(flags.fillna(False).astype(bool).sum())
+def _rate(flags) -> tuple[int, int, float, float]:
+    """``(n, hits, rate, binomial SE)`` of a boolean series (NaN entries left out)."""
+    flags = pd.Series(flags, dtype="object").dropna().astype(bool)
+    n, hits = len(flags), int(flags.sum())
     p = hits / n if n else math.nan
-    se = math.sqrt(p * (1 - p) / n) if n else math.nan
-    return n, hits, p, se
+    return n, hits, p, math.sqrt(p * (1 - p) / n) if n else math.nan
+
+
+def _kind_rates(trials: pd.DataFrame, prefix: str) -> dict:
+    n, hits, p, se = _rate(trials["success"])
+    _, strict, p_strict, se_strict = _rate(trials["strict"])
+    return {
+        f"{prefix}n": n,
+        f"{prefix}success": hits,
+        f"{prefix}success_rate": p,
+        f"{prefix}success_se": se,
+        f"{prefix}strict": strict,
+        f"{prefix}strict_rate": p_strict,
+        f"{prefix}strict_se": se_strict,
+        f"{prefix}top1_changed": int((~trials["top1_unchanged"].astype(bool)).sum()),
+    }
+
+
+def _paired_effect(patch: pd.DataFrame, control: pd.DataFrame) -> tuple[int, float, float]:
+    """Mean and SE of ``success(patch) - success(control)`` over trials that have both."""
+    keys = ["pair_id", "d"]
+    both = patch[[*keys, "success"]].merge(control[[*keys, "success"]], on=keys)
+    diff = both["success_x"].astype(float) - both["success_y"].astype(float)
+    n = len(diff)
+    if not n:
+        return 0, math.nan, math.nan
+    se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return n, float(diff.mean()), se
+
+
+def _probe_rates(trials: pd.DataFrame, prefix: str) -> dict:
+    """The probe's predicted task after ``l``, on targets in the probe's population."""
+    valid = trials["probe_next_before"] > 0
+    before, after = trials.loc[valid, "probe_next_before"], trials.loc[valid, "probe_next_after"]
+    starts_at_1 = before == 1
+    return {
+        f"{prefix}probe_n": int(valid.sum()),
+        f"{prefix}probe_next_ge2_before": float((before >= 2).mean()) if valid.any() else math.nan,
+        f"{prefix}probe_next_ge2_after": float((after >= 2).mean()) if valid.any() else math.nan,
+        f"{prefix}probe_moved_1_to_2": float((after[starts_at_1] >= 2).mean())
+        if starts_at_1.any()
+        else math.nan,
+    }
 
 
 def _rates(result: InterventionResult, key: pd.Series, name: str) -> pd.DataFrame:
     trials = result.trials
-    pairs = result.pairs.set_index("pair_id")
+    runs = trials[trials["kind"] != "own"]
     has_probe = "probe_next_after" in trials.columns
+    population = result.pairs.set_index("pair_id")["tgt_in_probe_population"]
     rows = []
-    for value, part in trials[trials["kind"] != "own"].groupby(key[trials["kind"] != "own"]):
-        patch = part[part["kind"] == "patch"]
-        random = part[part["kind"] == "random"]
-        n, hits, p, se = _rate(patch["success"])
-        _, strict, p_strict, se_strict = _rate(patch["strict"])
-        base = pairs.loc[patch["pair_id"]]
-        # The own-activation patch is an exact no-op (tested), so at layer l it succeeds
-        # exactly when the target's unpatched s_1 <= l with its top-1 unchanged.
-        same_top1 = base["base_top1"].to_numpy() == base["top1_id"].to_numpy()
-        own = pd.Series((base["base_s1"].to_numpy() <= patch["layer"].to_numpy()) & same_top1)
-        own_strict = pd.Series(
-            (base["base_s1"].to_numpy() == patch["layer"].to_numpy()) & same_top1
-        )
-        row = {
-            name: value,
-            "n": n,
-            "success": hits,
-            "success_rate": p,
-            "success_se": se,
-            "strict": strict,
-            "strict_rate": p_strict,
-            "strict_se": se_strict,
-            "top1_changed": int((~patch["top1_unchanged"]).sum()),
-            "mean_new_s1": float(patch["new_s1"].mean()) if n else math.nan,
-            "own_success_rate": _rate(own)[2],
-            "own_strict_rate": _rate(own_strict)[2],
-        }
-        rn, rhits, rp, rse = _rate(random["success"])
-        row.update(
-            {
-                "random_n": rn,
-                "random_success": rhits,
-                "random_success_rate": rp,
-                "random_success_se": rse,
-                "random_strict_rate": _rate(random["strict"])[2],
-                "random_top1_changed_rate": float((~random["top1_unchanged"]).mean())
-                if rn
-                else math.nan,
-            }
-        )
+    for value, part in runs.groupby(key[runs.index]):
+        kinds = {kind: part[part["kind"] == kind] for kind in ("patch", *CONTROLS)}
+        patch = kinds["patch"]
+        row = {name: value, **_kind_rates(patch, "")}
+        row["mean_new_s1"] = float(patch["new_s1"].mean()) if len(patch) else math.nan
+        for control in CONTROLS:
+            row.update(_kind_rates(kinds[control], f"{control}_"))
+            n, effect, se = _paired_effect(patch, kinds[control])
+            row[f"effect_vs_{control}_n"] = n
+            row[f"effect_vs_{control}"] = effect
+            row[f"effect_vs_{control}_se"] = se
         if has_probe:
-            for label, frame in (("", patch), ("random_", random)):
-                valid = frame["probe_next_before"] > 0
-                moved = (frame["probe_next_before"] == 1) & (frame["probe_next_after"] >= 2)
-                starts_at_1 = frame["probe_next_before"] == 1
-                row[f"{label}probe_n"] = int(valid.sum())
-                row[f"{label}probe_next_ge2_before"] = (
-                    float((frame.loc[valid, "probe_next_before"] >= 2).mean())
-                    if valid.any()
-                    else math.nan
-                )
-                row[f"{label}probe_next_ge2_after"] = (
-                    float((frame.loc[valid, "probe_next_after"] >= 2).mean())
-                    if valid.any()
-                    else math.nan
-                )
-                row[f"{label}probe_moved_1_to_2"] = (
-                    float(moved[starts_at_1].mean()) if starts_at_1.any() else math.nan
-                )
-                row[f"{label}probe_ge2_after_mean"] = float(frame["probe_ge2_after"].mean())
-            row["probe_ge2_before_mean"] = float(patch["probe_ge2_before"].mean())
+            for kind, frame in kinds.items():
+                inside = frame[population.reindex(frame["pair_id"]).to_numpy(dtype=bool)]
+                row.update(_probe_rates(inside, "" if kind == "patch" else f"{kind}_"))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _pick_donor(
-    rng: np.random.Generator, candidates: pd.DataFrame, exclude: set[int], top1: int
-) -> int | None:
-    ok = candidates[(candidates["top_1_id"] != top1) & ~candidates["pos"].isin(exclude)]
-    if ok.empty:
-        return None
-    return int(ok["pos"].to_numpy()[rng.integers(len(ok))])
+# ---------------------------------------------------------------------------------------------
+# Planning the trials
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_donor(rng, positions: np.ndarray, exclude: set[int]) -> int | None:
+    """Any other position of the text (its top-1 is not looked at)."""
+    pool = positions[~np.isin(positions, list(exclude))]
+    return int(pool[rng.integers(len(pool))]) if len(pool) else None
+
+
+def _matched_donor(rng, text: pd.DataFrame, layer: int, token: int, target: int, exclude) -> int:
+    """A position before ``target`` whose lens top-1 at ``layer`` is ``token`` and whose
+    ``s_1 > layer`` (the same content as the source, not yet final); ``-1`` if none."""
+    ok = (
+        (text["top1_at"][:, layer] == token)
+        & (text["s_1"] > layer)
+        & (text["pos"] < target)
+        & ~np.isin(text["pos"], list(exclude))
+    )
+    pool = text["pos"][ok]
+    return int(pool[rng.integers(len(pool))]) if len(pool) else -1
+
+
+def _plan_trials(scan, pairs: pd.DataFrame, offsets, L: int, controls: bool, seed: int):
+    """One row per run: ``pair_id, kind, d, layer, text_id, tgt_pos, from_pos``."""
+    frame = scan.saturation
+    top1_at = np.asarray(scan.top_ids)[:, :, 0]  # [n, L]: the lens top-1 at every layer
+    texts = {}
+    for text_id, part in frame.groupby("text_id"):
+        rows = part.index.to_numpy()
+        texts[int(text_id)] = {
+            "pos": part["pos"].to_numpy(),
+            "s_1": part["s_1"].to_numpy(),
+            "top1_at": top1_at[rows],
+        }
+    rng = np.random.default_rng([seed, 1])
+    trials = []
+    for pair in pairs.itertuples(index=False):
+        text = texts[int(pair.text_id)]
+        source, target = int(pair.src_pos), int(pair.tgt_pos)
+        own_layer = int(min(max(pair.s_src, 0), L - 2)) if L > 1 else 0
+        trials.append((pair.pair_id, "own", 0, own_layer, pair.text_id, target, target))
+        for d in offsets:
+            layer = int(pair.s_src) + d
+            if not 0 <= layer <= L - 2:
+                continue
+            trials.append((pair.pair_id, "patch", d, layer, pair.text_id, target, source))
+            if not controls:
+                continue
+            token = int(top1_at[int(pair.src_row), layer])
+            donor = _matched_donor(rng, text, layer, token, target, {target, source})
+            if donor >= 0:
+                trials.append((pair.pair_id, "matched", d, layer, pair.text_id, target, donor))
+            donor = _random_donor(rng, text["pos"], {target, source})
+            if donor is not None:
+                trials.append((pair.pair_id, "random", d, layer, pair.text_id, target, donor))
+    columns = ["pair_id", "kind", "d", "layer", "text_id", "tgt_pos", "from_pos"]
+    return pd.DataFrame(trials, columns=columns)
+
+
+def _check_probe(model, probe, texts: Sequence[str], text_ids) -> list[int]:
+    """The probe's layers; refuse a probe for another model or fitted on a target's text."""
+    if probe is None:
+        return []
+    meta = getattr(probe, "metadata_", {})
+    fingerprint = meta.get("unembedding_fingerprint")
+    if fingerprint and fingerprint != hooked.unembedding_fingerprint(model):
+        raise ValueError("the probe was trained on another model; fit one for this model")
+    fitted_on = set(meta.get("text_hashes") or [])
+    shared = sorted(t for t in text_ids if text_hash(texts[t]) in fitted_on)
+    if shared:
+        raise ValueError(
+            f"the probe was fitted on {len(shared)} of the target texts (e.g. text {shared[0]}): "
+            "its predictions there are in-sample. Fit it on other texts (e.g. a scan of the "
+            "train split) for held-out evidence"
+        )
+    L = hooked.n_layers(model)
+    return sorted(l for l in (probe.layers or range(L)) if 0 <= l < L)
 
 
 def intervene(
@@ -477,6 +587,8 @@ def intervene(
     delta: int | None = None,
     max_distance: int = DEFAULT_MAX_DISTANCE,
     max_pairs: int | None = DEFAULT_MAX_PAIRS,
+    direction: str = "forward",
+    text_ids: Collection[int] | None = None,
     controls: bool = True,
     probe=None,
     batch_size: int = 32,
@@ -492,29 +604,27 @@ def intervene(
         model, scan, texts: the model, a scan of ``texts`` made with it (checked), and the texts.
         lens: the lens to recompute ``s_1`` with; use the scan's (default: the logit lens).
         pairs: from :func:`find_pairs` (default: found with ``max_distance``, ``delta``,
-            ``max_pairs`` and ``seed``).
+            ``max_pairs``, ``direction`` and ``seed``).
         offsets: the offsets ``d`` (default ``-a..a``, ``a`` from
             :func:`default_offset_range`). Offsets whose layer ``s_src + d`` falls outside
             ``0..L-2`` are skipped for that pair (patching the last layer is trivially final).
-        controls: also run the random-vector control (the own-activation control always runs,
-            once per pair: it is the unpatched baseline).
-        probe: a fitted :class:`~beyond_top1.probes.TaskProbe` for this model (optional).
+        direction, text_ids: of the default pairs (see :func:`find_pairs`).
+        controls: also run the matched-donor and random-vector controls (the own-activation run
+            always runs, once per pair: it is the unpatched baseline).
+        probe: a fitted :class:`~beyond_top1.probes.TaskProbe` for this model, fitted on texts
+            other than the targets' (checked).
         batch_size: patched runs per forward pass.
         engine: ``"cached"`` (default) runs only the target token of each patched run on top of
             the unpatched keys and values of the positions before it
             (:func:`patch_and_read_cached`); ``"full"`` re-runs every row's text up to its last
-            used position (:func:`patch_and_read`). Both compute the same thing (tested);
-            ``"cached"`` runs one token per patched run instead of tens.
+            used position (:func:`patch_and_read`). Both compute the same thing (tested).
         texts_per_run: texts whose unpatched states are held at once (``"cached"``).
-        precision: of the lens readout, ``"fp32"`` or ``"bf16"`` (same top-1 ids, see
-            :mod:`beyond_top1.ranking`); default: the scan's.
-        seed: pair sampling and random donors.
+        precision: of the lens read-out (default: the scan's); the top-1 ids are exact either way.
+        seed: pair sampling and donors.
 
     Returns:
         An :class:`InterventionResult`.
     """
-    from beyond_top1.data import tokenize
-    from beyond_top1.lenses import LogitLens
     from beyond_top1.probes import check_scan_matches
 
     texts = list(texts)
@@ -525,8 +635,7 @@ def intervene(
     lens = lens if lens is not None else LogitLens(model)
     if lens.model is not model:
         raise ValueError("the lens was built for another model object; pass the model it wraps")
-    if delta is None:
-        delta = default_delta(L)
+    delta = default_delta(L) if delta is None else delta
     if offsets is None:
         a = default_offset_range(L) if a is None else int(a)
         if a < 0:
@@ -535,23 +644,19 @@ def intervene(
     offsets = sorted({int(d) for d in offsets})
     if pairs is None:
         pairs = find_pairs(
-            scan, max_distance=max_distance, delta=delta, max_pairs=max_pairs, seed=seed
+            scan,
+            max_distance=max_distance,
+            delta=delta,
+            max_pairs=max_pairs,
+            direction=direction,
+            text_ids=text_ids,
+            seed=seed,
         )
     pairs = pairs.reset_index(drop=True).copy()
-    if probe is not None:
-        meta = getattr(probe, "metadata_", {})
-        fingerprint = meta.get("unembedding_fingerprint")
-        if fingerprint and fingerprint != hooked.unembedding_fingerprint(model):
-            raise ValueError("the probe was trained on another model; fit one for this model")
-        probe_layers = sorted(l for l in (probe.layers or range(L)) if 0 <= l < L)
-    else:
-        probe_layers = []
+    probe_layers = _check_probe(model, probe, texts, sorted(set(pairs["text_id"].tolist())))
     settings = scan.settings or {}
-    max_len = settings.get("max_len")
     precision = precision or settings.get("precision") or "fp32"
-    frame = scan.saturation
-    rng = np.random.default_rng([seed, 1])
-
+    max_len = settings.get("max_len")
     token_cache: dict[int, list[int]] = {}
 
     def tokens_of(text_id: int) -> list[int]:
@@ -559,103 +664,29 @@ def intervene(
             token_cache[text_id] = tokenize(model, texts[text_id], max_len=max_len, truncate=True)
         return token_cache[text_id]
 
-    by_text = {int(t): part[["pos", "top_1_id"]] for t, part in frame.groupby("text_id")}
-    trials = []  # (pair_id, kind, d, layer, text_id, tgt_pos, from_pos)
+    frame = scan.saturation
     for pair in pairs.itertuples(index=False):
-        ids = tokens_of(int(pair.text_id))
-        if ids[pair.tgt_pos] != int(frame["token_id"].iat[pair.tgt_row]):
+        if tokens_of(int(pair.text_id))[pair.tgt_pos] != int(frame["token_id"].iat[pair.tgt_row]):
             raise ValueError(
                 "the texts' tokens do not match the scan's: pass the texts the scan was made on"
             )
-        own_layer = int(min(max(pair.s_src, 0), L - 2)) if L > 1 else 0
-        trials.append((pair.pair_id, "own", 0, own_layer, pair.text_id, pair.tgt_pos, pair.tgt_pos))
-        for d in offsets:
-            layer = int(pair.s_src) + d
-            if not 0 <= layer <= L - 2:
-                continue
-            trials.append(
-                (pair.pair_id, "patch", d, layer, pair.text_id, pair.tgt_pos, pair.src_pos)
-            )
-            if controls:
-                donor = _pick_donor(
-                    rng,
-                    by_text[int(pair.text_id)],
-                    {int(pair.tgt_pos), int(pair.src_pos)},
-                    int(pair.top1_id),
-                )
-                if donor is not None:
-                    trials.append(
-                        (pair.pair_id, "random", d, layer, pair.text_id, pair.tgt_pos, donor)
-                    )
-    table = pd.DataFrame(
-        trials, columns=["pair_id", "kind", "d", "layer", "text_id", "tgt_pos", "from_pos"]
+    table = _plan_trials(scan, pairs, offsets, L, controls, seed)
+    outcome = _run_trials(
+        model,
+        lens,
+        table,
+        tokens_of,
+        engine=engine,
+        batch_size=batch_size,
+        texts_per_run=texts_per_run,
+        precision=precision,
+        probe=probe,
+        probe_layers=probe_layers,
+        progress=progress,
     )
-    n = len(table)
-    new_s1 = np.zeros(n, dtype=np.int64)
-    new_top1 = np.zeros(n, dtype=np.int64)
-    probe_pred = np.zeros((n, L), dtype=np.int64)  # 0 where the probe was not applied
-
-    def read(index: np.ndarray, resid: Tensor) -> None:
-        readout = lens_topk(lens, resid, tuple(range(L)), 1, precision=precision)
-        new_s1[index] = saturation_layers(readout.top_ids)[:, 0].cpu().numpy()
-        new_top1[index] = readout.top_ids[:, -1, 0].cpu().numpy()
-        for layer in probe_layers:
-            probe_pred[index, layer] = probe.predict_resid(resid[:, layer].cpu())
-
-    device = hooked.model_device(model)
-    if n and engine == "cached":
-        text_ids = sorted(table["text_id"].unique().tolist())
-        groups = [text_ids[i : i + texts_per_run] for i in range(0, len(text_ids), texts_per_run)]
-        bar = tqdm(total=n, desc="patched runs", unit="run", disable=not progress)
-        for group in groups:
-            states = dict(
-                zip(group, text_states(model, [tokens_of(t) for t in group]), strict=True)
-            )
-            rows = table.index[table["text_id"].isin(group)].to_numpy()
-            rows = rows[np.argsort(table["tgt_pos"].to_numpy()[rows], kind="stable")]
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                resid = patch_and_read_cached(
-                    model,
-                    [states[int(t)] for t in table["text_id"].to_numpy()[chunk]],
-                    table["tgt_pos"].to_numpy()[chunk].tolist(),
-                    list(
-                        zip(
-                            table["layer"].to_numpy()[chunk].tolist(),
-                            table["from_pos"].to_numpy()[chunk].tolist(),
-                            strict=True,
-                        )
-                    ),
-                )
-                read(chunk, resid)
-                bar.update(len(chunk))
-            del states
-        bar.close()
-    elif n:
-        length = np.maximum(table["tgt_pos"], table["from_pos"]).to_numpy() + 1
-        order = np.argsort(length, kind="stable")
-        tok = hooked.tokenizer(model)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-        for chunk in tqdm(chunks, desc="patched runs", unit="batch", disable=not progress):
-            width = int(length[chunk].max())
-            tokens = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            for row, index in enumerate(chunk):
-                ids = tokens_of(int(table["text_id"].iat[index]))[: length[index]]
-                tokens[row, : len(ids)] = torch.as_tensor(ids)
-            patches = [
-                (
-                    int(table["layer"].iat[i]),
-                    int(table["tgt_pos"].iat[i]),
-                    int(table["from_pos"].iat[i]),
-                )
-                for i in chunk
-            ]
-            read(chunk, patch_and_read(model, tokens.to(device), [p[1] for p in patches], patches))
-    table["new_s1"] = new_s1
-    table["new_top1"] = new_top1
+    table["new_s1"], table["new_top1"], probe_pred = outcome
     top1 = pairs.set_index("pair_id")["top1_id"]
-    table["top1_unchanged"] = new_top1 == top1.loc[table["pair_id"]].to_numpy()
+    table["top1_unchanged"] = table["new_top1"].to_numpy() == top1.loc[table["pair_id"]].to_numpy()
     table["success"] = table["top1_unchanged"] & (table["new_s1"] <= table["layer"])
     table["strict"] = table["top1_unchanged"] & (table["new_s1"] == table["layer"])
     own = table[table["kind"] == "own"].set_index("pair_id")
@@ -664,7 +695,13 @@ def intervene(
     pairs["base_matches_scan"] = (pairs["base_s1"] == pairs["s_tgt"]) & (
         pairs["base_top1"] == pairs["top1_id"]
     )
-    if probe is not None and n:
+    filter_fraction = getattr(probe, "metadata_", {}).get("filter_fraction")
+    pairs["tgt_in_probe_population"] = position_filter(
+        torch.tensor(pairs["s_tgt"].to_numpy()),
+        L,
+        DEFAULT_FILTER_FRACTION if filter_fraction is None else filter_fraction,
+    ).numpy()
+    if probe is not None and len(table):
         _probe_columns(table, probe_pred, probe_layers, L)
     table = table.drop(columns=["text_id"])
     result_settings = {
@@ -673,6 +710,7 @@ def intervene(
         "lens": getattr(lens, "kind", None),
         "delta": int(pairs.attrs.get("delta", delta)),
         "max_distance": int(pairs.attrs.get("max_distance", max_distance)),
+        "direction": pairs.attrs.get("direction", direction),
         "offsets": offsets,
         "max_pairs": max_pairs,
         "controls": controls,
@@ -683,6 +721,80 @@ def intervene(
         "seed": seed,
     }
     return InterventionResult(pairs, table, result_settings)
+
+
+def _run_trials(
+    model,
+    lens,
+    table: pd.DataFrame,
+    tokens_of,
+    *,
+    engine: str,
+    batch_size: int,
+    texts_per_run: int,
+    precision: str,
+    probe,
+    probe_layers: list[int],
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run every trial; returns the target's new ``s_1`` and final top-1, and the probe's
+    prediction at every layer (0 where it was not applied)."""
+    L = hooked.n_layers(model)
+    n = len(table)
+    new_s1 = np.zeros(n, dtype=np.int64)
+    new_top1 = np.zeros(n, dtype=np.int64)
+    probe_pred = np.zeros((n, L), dtype=np.int64)
+
+    def read(index: np.ndarray, resid: Tensor) -> None:
+        readout = lens_topk(lens, resid, tuple(range(L)), 1, precision=precision)
+        new_s1[index] = saturation_layers(readout.top_ids)[:, 0].cpu().numpy()
+        new_top1[index] = readout.top_ids[:, -1, 0].cpu().numpy()
+        for layer in probe_layers:
+            probe_pred[index, layer] = probe.predict_resid(resid[:, layer].cpu())
+
+    columns = {c: table[c].to_numpy() for c in ("text_id", "tgt_pos", "from_pos", "layer")}
+    bar = tqdm(total=n, desc="patched runs", unit="run", disable=not progress)
+    if engine == "cached":
+        text_ids = sorted(set(columns["text_id"].tolist()))
+        for start in range(0, len(text_ids), texts_per_run):
+            group = text_ids[start : start + texts_per_run]
+            states = dict(
+                zip(group, text_states(model, [tokens_of(t) for t in group]), strict=True)
+            )
+            rows = np.flatnonzero(np.isin(columns["text_id"], group))
+            rows = rows[np.argsort(columns["tgt_pos"][rows], kind="stable")]
+            for chunk_start in range(0, len(rows), batch_size):
+                chunk = rows[chunk_start : chunk_start + batch_size]
+                layers, sources = columns["layer"][chunk], columns["from_pos"][chunk]
+                patches = list(zip(layers.tolist(), sources.tolist(), strict=True))
+                resid = patch_and_read_cached(
+                    model,
+                    [states[int(t)] for t in columns["text_id"][chunk]],
+                    columns["tgt_pos"][chunk].tolist(),
+                    patches,
+                )
+                read(chunk, resid)
+                bar.update(len(chunk))
+    else:
+        length = np.maximum(columns["tgt_pos"], columns["from_pos"]) + 1
+        order = np.argsort(length, kind="stable")
+        tok = hooked.tokenizer(model)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        device = hooked.model_device(model)
+        for start in range(0, n, batch_size):
+            chunk = order[start : start + batch_size]
+            tokens = torch.full((len(chunk), int(length[chunk].max())), pad_id, dtype=torch.long)
+            for row, index in enumerate(chunk):
+                ids = tokens_of(int(columns["text_id"][index]))[: length[index]]
+                tokens[row, : len(ids)] = torch.as_tensor(ids)
+            patches = [
+                (int(columns["layer"][i]), int(columns["tgt_pos"][i]), int(columns["from_pos"][i]))
+                for i in chunk
+            ]
+            read(chunk, patch_and_read(model, tokens.to(device), [p[1] for p in patches], patches))
+            bar.update(len(chunk))
+    bar.close()
+    return new_s1, new_top1, probe_pred
 
 
 def _probe_columns(table: pd.DataFrame, pred: np.ndarray, layers: list[int], L: int) -> None:

@@ -185,6 +185,11 @@ class TaskDataset:
         return f"<div><b>{self!r}</b>{self.counts().to_html()}</div>"
 
 
+def text_hash(text: str) -> str:
+    """A short SHA-256 of one text: what a probe records of the texts it was fitted on."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def check_scan_matches(model, scan, texts: Sequence[str]) -> None:
     """Raise ``ValueError`` unless ``scan`` was made with ``model`` on exactly ``texts``."""
     from beyond_top1.scans import texts_fingerprint
@@ -327,6 +332,7 @@ def task_dataset(
             batch_size=int(settings.get("batch_size", 8)),
             max_len=settings.get("max_len"),
             progress=progress,
+            score_first=bool(settings.get("score_first", True)),  # older scans scored it
         )
         text_ids = frame["text_id"].to_numpy()
         positions = frame["pos"].to_numpy()
@@ -371,6 +377,8 @@ def task_dataset(
         "n_positions": len(s),
         "n_positions_kept": len(kept),
         "lens": (scan.settings or {}).get("lens"),
+        # which text each group is, so a fitted probe can name the texts it saw (held-out checks)
+        "text_hash_by_id": {int(t): text_hash(texts[t]) for t in set(frame["text_id"].iloc[rows])},
     }
     return TaskDataset(
         X=X,
@@ -559,6 +567,10 @@ def _probe_metadata(dataset: TaskDataset | None) -> dict:
         "lens",
     )
     meta = {key: dataset.meta.get(key) for key in keep}
+    by_id = dataset.meta.get("text_hash_by_id") or {}
+    meta["text_hashes"] = sorted(
+        {by_id[int(g)] for g in np.unique(dataset.groups) if int(g) in by_id}
+    )
     meta["k"] = dataset.k
     meta["trained_layers"] = list(dataset.layer_set)
     meta["n_train_rows"] = len(dataset)

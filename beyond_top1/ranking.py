@@ -1,30 +1,48 @@
-"""Top-k readouts through a lens: the per-batch kernel behind every scan.
+"""Exact top-k read-outs through a lens: the per-batch kernel behind every scan (DESIGN.md §3).
 
-:func:`lens_topk` reads residual streams at every layer through a lens and returns, per position
-and layer, the lens' top-k token ids and log-probs and the rank of each of the final layer's
-top-k tokens (rank = 1 + the number of vocabulary entries with a strictly higher logit). It holds
-one layer's ``[tokens, vocab]`` logits at a time and never sorts the vocabulary.
+**The exact rule.** At a layer, the order of the vocabulary is the order of the exact logits
+``E_j = x · W_j + b_j``: ``x`` is the fp32 normed residual (the lens map and the final norm are
+evaluated in float64 and rounded once to fp32), ``W_j`` and ``b_j`` the fp32 unembedding column and
+bias. ``E_j`` is summed in float64 along a fixed pairwise tree of elementwise IEEE additions (the
+products of two fp32 numbers are exact in float64), so its bits depend on no BLAS, thread count,
+batch, chunking or CPU. Ties are broken by the lower token id. Soft-capping is monotone and does
+not change the order.
 
-Two precisions:
+**Fast paths propose, the exact rule decides.** For every layer:
 
-* ``"fp32"``: logits in fp32, ``torch.topk``; ranks and the log-normaliser come from one fused pass
-  over the logits (``torch.compile``; an eager fallback gives the same numbers).
-* ``"bf16"``: the unembedding matmul runs in bf16 (several times faster on CPUs with AMX or
-  AVX512-BF16), then is *verified*. For every entry, a rigorous upper bound on the fp32 logit is
-  formed from the bf16 logit and the rounding errors of its inputs (``‖x - bf16(x)‖·‖bf16(W_j)‖``
-  + ``‖x‖·‖W_j - bf16(W_j)‖`` + accumulation and output rounding). The ``n_candidates`` entries
-  with the largest bounds get their fp32 logits recomputed with the same GEMM as the fp32 path
-  (bit-identical); if the largest bound outside them is below the recomputed k-th logit, no other
-  token can be in the top-k, and the top-k ids and their order equal the fp32 path's. Rows where
-  that check fails are recomputed in fp32 whole. Top-k ids and log-prob numerators, and hence
-  saturation layers, are exact; ranks beyond ``k`` are counted on bf16 logits against exact
-  thresholds and may be off by the few tokens within the bf16 error of the threshold; the
-  log-normaliser is corrected with the exact candidate logits (error ≈ bf16 error × the
-  probability mass outside the candidates).
+1. Fast logits ``v_j`` come from one GEMM (``"fp32"``, or ``"bf16"`` with fp32 accumulation) with a
+   rigorous bound ``e_j >= |v_j - E_j|`` that holds for any summation order: fp32,
+   ``γ_d ‖x‖ ‖W_j‖ + 2u|v_j|`` (``γ_d = d u / (1 - d u)``, ``u = 2^-24``); bf16, the rounding of
+   ``x`` and ``W`` to bf16 plus accumulation plus the bf16 rounding of the output.
+2. ``τ``, the k-th largest lower bound ``v_j - e_j``, is at most the k-th largest ``E``. Every
+   token with ``v_j + e_j >= τ`` is a candidate; no other token can be in the top k or tie one.
+3. bf16 only: the candidates' fp32 logits (a small gathered GEMM) replace their bf16 ones, with
+   the fp32 bound, and the candidates are pruned again. Rows with more than ``n_candidates``
+   candidates are read in fp32 whole.
+4. If exactly k candidates remain and their intervals ``[v - e, v + e]`` are disjoint, their
+   order is the exact order. Otherwise the candidates' ``E`` are computed and sorted by
+   ``(-E, id)``.
+
+**What is exact.** Top-k ids and their order, the ranks of the final top-k tokens while they are
+within the top k, and so every saturation layer, are the exact rule's, identical across
+precision, batch size and composition, chunking, thread count and CPU vendor (given the same
+residuals).
+
+**What carries an error bound.**
+
+* A rank beyond ``k`` is ``1 + #{j : v_j > v_t}`` on the fast logits (at least ``k + 1``); it can
+  be off by the number of tokens whose logits lie within ``e_j + e_t`` of the token's (fp32:
+  ``e ≈ 4e-3`` on SmolLM2, rarely any token; bf16: ``e ≈ 0.05-0.1``).
+* Log-probs: :attr:`TopKReadout.logprob_error` holds, per position and layer, a rigorous bound
+  on ``|logprob - exact logprob|`` for every top-k entry: the bound of the top-k logits (zero
+  for exact ones) plus that of the log-normaliser, ``-log(1 - Σ_j p_j (e^{e_j} - 1)) + γ_V``.
+  Typical: fp32 ``~1e-2`` (the worst-case GEMM bound; the real error is ``~1e-6``), bf16 up
+  to ``~0.1`` on flat early layers (real errors up to ``~0.02``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -33,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from beyond_top1 import hooked
@@ -41,8 +59,10 @@ from beyond_top1 import hooked
 PRECISIONS = ("fp32", "bf16")
 COMPILE_ENV = "BEYOND_TOP1_COMPILE"
 DEFAULT_CANDIDATES = 32
-_BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _FP32_UNIT = 2.0**-24
+_SAFETY = 1.0 + 2.0**-12  # covers the fp32 rounding of the bound formulas themselves
+BLOCK = 64  # vocabulary entries per block of the block-max selection
+_EXACT_CHUNK_ELEMENTS = 1 << 22  # float64 products held at once by the exact evaluation
 
 
 @dataclass
@@ -51,14 +71,27 @@ class TopKReadout:
 
     ``layers[j]`` is the layer of column ``j``; the last entry is always ``L-1``, whose top-k
     (``final_ids``) defines the final tokens whose ranks are tracked.
+
+    Attributes:
+        top_ids: exact top-k ids in rank order (see the module docstring).
+        top_logprobs: their log-probs under the lens, within ``logprob_error``.
+        final_ranks: 1-based rank of final token ``i`` at every layer; exact while ``<= k``
+            (then ``top_ids[t, l, rank - 1] == final_ids[t, i]``), approximate beyond.
+        logprob_error: a bound on the error of every ``top_logprobs`` entry of that row.
+        n_exact_rows: (position, layer) rows whose order the float64 rule had to settle.
+        n_fallback_rows: rows read whole (bf16: in fp32; fp32: a full candidate search).
+        precision: the GEMM that proposed (``"fp32"`` where bf16 was asked for but is not
+            native to the device).
     """
 
     layers: tuple[int, ...]
     top_ids: Int[Tensor, "tokens layer k"]
     top_logprobs: Float[Tensor, "tokens layer k"]
     final_ranks: Int[Tensor, "tokens layer k"]
-    n_exact_rows: int = 0  # bf16 path: (token, layer) rows settled by candidate recomputation
-    n_fallback_rows: int = 0  # bf16 path: rows recomputed in fp32 whole
+    logprob_error: Float[Tensor, "tokens layer"]
+    n_exact_rows: int = 0
+    n_fallback_rows: int = 0
+    precision: str = "fp32"
 
     @property
     def final_ids(self) -> Int[Tensor, "tokens k"]:
@@ -66,10 +99,142 @@ class TopKReadout:
 
 
 # ---------------------------------------------------------------------------------------------
-# One fused pass over [tokens, vocab] logits (compiled once for large inputs, eager otherwise)
+# The exact rule
 # ---------------------------------------------------------------------------------------------
 
-BLOCK = 64  # vocabulary entries per block of the block-max selection
+
+def _tree_sum(values: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
+    """Sum over the last axis along a fixed pairwise tree of elementwise additions: the same
+    bits on every IEEE machine, whatever the vectorisation of reductions."""
+    while values.shape[-1] > 1:
+        n = values.shape[-1]
+        half = n // 2
+        summed = values[..., :half] + values[..., half : 2 * half]
+        values = torch.cat([summed, values[..., 2 * half :]], dim=-1) if n % 2 else summed
+    return values[..., 0]
+
+
+def exact_logits(
+    normed: Float[Tensor, "tokens d_model"],
+    weight: Float[Tensor, "d_model vocab"],
+    bias: Float[Tensor, " vocab"],
+    ids: Int[Tensor, "tokens n"],
+) -> Float[Tensor, "tokens n"]:
+    """The exact rule's logits ``E`` (float64) of token ``ids[t, i]`` at row ``t``.
+
+    Products of fp32 numbers are exact in float64; the sum follows :func:`_tree_sum`, so the
+    result is the same on any machine and in any batch.
+    """
+    rows, n = ids.shape
+    out = torch.empty((rows, n), dtype=torch.float64, device=normed.device)
+    if rows == 0 or n == 0:
+        return out
+    d = normed.shape[-1]
+    columns = weight.t()  # [vocab, d_model] view: gathering rows of it gathers columns of W
+    step = max(1, _EXACT_CHUNK_ELEMENTS // (n * d))
+    for start in range(0, rows, step):
+        part = ids[start : start + step]
+        products = columns[part].to(torch.float64) * normed[start : start + step, None].to(
+            torch.float64
+        )
+        out[start : start + step] = _tree_sum(products) + bias[part].to(torch.float64)
+    return out
+
+
+def _exact_order(normed, emb, ids, valid, k):
+    """Top-k of the candidates ``ids`` (``valid`` marks real entries) by ``(-E, id)``.
+
+    Returns ids ``[rows, k]`` and their exact logits (float64)."""
+    sentinel = torch.iinfo(torch.int64).max
+    by_id, perm = ids.masked_fill(~valid, sentinel).sort(dim=-1)
+    valid = valid.gather(-1, perm)
+    exact = exact_logits(normed, emb.weight, emb.bias, by_id.masked_fill(~valid, 0))
+    exact = exact.masked_fill(~valid, -math.inf)
+    values, order = exact.sort(dim=-1, descending=True, stable=True)  # ties keep id order
+    return by_id.gather(-1, order[:, :k]), values[:, :k]
+
+
+# ---------------------------------------------------------------------------------------------
+# The unembedding and its error terms
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Unembedding:
+    weight: Tensor  # [d_model, vocab] fp32
+    bias: Tensor  # [vocab] fp32
+    col_norm: Tensor  # ‖W_j‖, rounded up
+    gamma: float  # γ_d for fp32 dot products of length d_model
+    softcap: float = -1.0
+    weight16: Tensor | None = None  # bf16 copy
+    weight_t: Tensor | None = None  # [vocab, d_model] contiguous, for gathered GEMMs
+    col_norm16: Tensor | None = None  # ‖bf16(W_j)‖, rounded up
+    col_error: Tensor | None = None  # ‖W_j - bf16(W_j)‖ + γ‖W_j‖, rounded up
+
+    @property
+    def vocab(self) -> int:
+        return int(self.weight.shape[1])
+
+    @classmethod
+    def of(cls, model, precision: str) -> _Unembedding:
+        """Cached per (weights, version, precision): the copies and norms of a ``[d_model,
+        vocab]`` matrix cost more than a small batch's read-out."""
+        weight, bias = hooked.unembedding(model)
+        key = (weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+        key += (tuple(weight.shape), weight.dtype, precision)
+        cached = _UNEMBEDDING_CACHE.get(key)
+        if cached is None:
+            cached = cls.of_tensors(weight, bias, precision, hooked.logit_softcap(model))
+            _UNEMBEDDING_CACHE.clear()  # hold one model's copies at most
+            _UNEMBEDDING_CACHE[key] = cached
+        return cached
+
+    @classmethod
+    def of_tensors(cls, weight, bias, precision: str, softcap: float = -1.0) -> _Unembedding:
+        weight, bias = weight.float(), bias.float()
+        d = weight.shape[0]
+        gamma = d * _FP32_UNIT / (1 - d * _FP32_UNIT)
+        norm = weight.double().norm(dim=0)
+        out = cls(weight, bias, (norm * _SAFETY).float(), gamma, softcap)
+        if precision == "bf16":
+            w16 = weight.to(torch.bfloat16)
+            out.weight16 = w16
+            out.weight_t = weight.t().contiguous()
+            out.col_norm16 = (w16.double().norm(dim=0) * _SAFETY).float()
+            error = (weight.double() - w16.double()).norm(dim=0) + gamma * norm
+            out.col_error = (error * _SAFETY).float()
+        return out
+
+
+_UNEMBEDDING_CACHE: dict[tuple, _Unembedding] = {}
+
+
+def _row_norm(x: Float[Tensor, "tokens d"]) -> Float[Tensor, " tokens"]:
+    return (x.double().norm(dim=-1) * _SAFETY).float()
+
+
+# The two bounds below run inside compiled kernels: their constants are literals, because
+# torch.compile(dynamic=True) turns float globals into symbolic inputs (2x slower kernels).
+# 2**-23 = 2u (fp32), 1 + 2**-12 = _SAFETY, 2**-8 = the bf16 unit roundoff.
+
+
+def _fp32_error(v, row_scale, col_norm):
+    """Bound on ``|v - E|`` for fp32 GEMM logits ``v`` (``row_scale = γ_d ‖x‖``)."""
+    return (row_scale * col_norm + 2.0**-23 * v.abs()) * (1.0 + 2.0**-12)
+
+
+def _bf16_error(y, bias, row_input_error, row_norm, col_norm16, col_error):
+    """Bound on ``|y + b - E|`` for a bf16 GEMM output ``y``: ``x·W - x16·W16`` and the fp32
+    accumulation (``row_input_error·‖W16_j‖ + ‖x‖·col_error``), the bf16 output rounding, and
+    the fp32 rounding of ``y + b`` and of this formula."""
+    spread = row_input_error * col_norm16 + row_norm * col_error
+    out = (2.0**-8 / (1 - 2.0**-8)) * y.abs() + spread
+    return (out + 2e-6 * (y.abs() + bias.abs() + spread)) * (1.0 + 2.0**-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# One fused pass over [tokens, vocab] logits (compiled once for large inputs, eager otherwise)
+# ---------------------------------------------------------------------------------------------
 
 
 def _block_max(scores: Float[Tensor, "tokens vocab"]) -> Float[Tensor, "tokens blocks"]:
@@ -80,11 +245,6 @@ def _block_max(scores: Float[Tensor, "tokens vocab"]) -> Float[Tensor, "tokens b
     if vocab > full * BLOCK:
         blocks = torch.cat([blocks, scores[:, full * BLOCK :].amax(-1, keepdim=True)], dim=-1)
     return blocks
-
-
-def _lse(x: Float[Tensor, "tokens vocab"]) -> Float[Tensor, " tokens"]:
-    peak = x.amax(-1, keepdim=True)
-    return peak.squeeze(-1) + (x - peak).exp().sum(-1).log()
 
 
 def _counts(x: Tensor, thresholds: Tensor, fused: bool) -> Int[Tensor, "tokens k"]:
@@ -99,33 +259,32 @@ def _counts(x: Tensor, thresholds: Tensor, fused: bool) -> Int[Tensor, "tokens k
     return torch.stack(columns, dim=-1)
 
 
-def _pass_fp32(logits, thresholds, fused: bool = False):
-    """Counts of entries ``> thresholds[:, j]``, the log-normaliser and the block maxima."""
-    x = logits.float()
-    return _counts(x, thresholds, fused), _lse(x), _block_max(x)
+def _summaries(v, err, thresholds, softcap: float, fused: bool):
+    """Counts above ``thresholds``, the log-normaliser, ``Σ p_j (err_j + err_j²)`` (which is
+    ``>= Σ p_j (e^{err_j} - 1)`` for ``err <= 1``) and the block maxima of ``v + err``."""
+    capped = softcap * torch.tanh(v / softcap) if softcap > 0 else v
+    peak = capped.amax(-1, keepdim=True)
+    weights = (capped - peak).exp()
+    total = weights.sum(-1)
+    spread = (weights * (err + err * err)).sum(-1) / total
+    lse = peak.squeeze(-1) + total.log()
+    return _counts(v, thresholds, fused), lse, spread, _block_max(v + err)
 
 
-def _upper_bound(logits16, bias, row_input_error, row_norm, col_norm, col_error):
-    """fp32 values ``>=`` the fp32 path's logits (see the module docstring).
-
-    Row terms are ``[tokens, 1]``; column terms ``[vocab]`` or ``[tokens, n]`` like ``logits16``.
-    """
-    y = logits16.float()
-    spread = row_input_error * col_norm + row_norm * col_error
-    bound = y + (_BF16_UNIT / (1 - _BF16_UNIT) * 1.01) * y.abs() + spread + bias
-    return bound + 2e-6 * (y.abs() + bias.abs() + spread)  # fp32 rounding of this formula
+def _pass_fp32(logits, thresholds, row_scale, col_norm, softcap=-1.0, fused=False):
+    """:func:`_summaries` of fp32 logits."""
+    err = _fp32_error(logits, row_scale, col_norm)
+    return _summaries(logits, err, thresholds, softcap, fused)
 
 
 def _pass_bf16(
-    logits16, bias, thresholds, row_input_error, row_norm, col_norm, col_error, fused=False
-):
-    """:func:`_pass_fp32` on ``bf16 logits + bias``, with block maxima of the upper bounds."""
-    x = logits16.float() + bias
-    counts = _counts(x, thresholds, fused)
-    upper = _upper_bound(
-        logits16, bias, row_input_error.unsqueeze(-1), row_norm.unsqueeze(-1), col_norm, col_error
-    )
-    return counts, _lse(x), _block_max(upper)
+    logits16, bias, thresholds, row_input_error, row_norm, col_norm16, col_error, softcap=-1.0,
+    fused=False,
+):  # fmt: skip
+    """:func:`_summaries` of ``bf16 logits + bias``."""
+    y = logits16.float()
+    err = _bf16_error(y, bias, row_input_error, row_norm, col_norm16, col_error)
+    return _summaries(y + bias, err, thresholds, softcap, fused)
 
 
 _KERNELS: dict[str, object] = {}
@@ -138,7 +297,8 @@ def _kernel(name: str, n_elements: int | None = None):
 
     Compiling takes ~10-30 s once per process (less with a warm inductor cache), so one prompt
     in a notebook never pays it; a corpus scan does, once, and then reads each logit matrix once
-    instead of ``k + 3`` times. Both give the same results.
+    instead of ``k + 4`` times. Results agree within the error bounds, which is all the exact
+    rule uses them for.
     """
     eager = {"fp32": _pass_fp32, "bf16": _pass_bf16}[name]
     if n_elements is not None and n_elements < _COMPILE_MIN_ELEMENTS:
@@ -166,78 +326,54 @@ def _kernel(name: str, n_elements: int | None = None):
     return run
 
 
-# ---------------------------------------------------------------------------------------------
-# GEMMs that give bit-identical results for any subset of rows and columns
-# ---------------------------------------------------------------------------------------------
+BF16_ENV = "BEYOND_TOP1_BF16"  # "emulate": run the bf16 path as fp32 GEMMs of bf16 values
 
 
-def _logits(
-    normed: Float[Tensor, "tokens d_model"],
-    weight: Float[Tensor, "d_model vocab"],
-    bias: Float[Tensor, " vocab"],
-) -> Float[Tensor, "tokens vocab"]:
-    """``normed @ weight + bias``, padding 1-row / 1-column products (BLAS uses gemv for those,
-    whose rounding differs from gemm's), so any row or column subset reproduces the full GEMM."""
-    rows, cols = normed.shape[0], weight.shape[1]
-    if rows == 1:
-        normed = normed.expand(2, -1)
-    if cols == 1:
-        weight, bias = weight.expand(-1, 2), bias.expand(2)
-    out = normed @ weight + bias
-    return out[:rows, :cols]
+def _bf16_gemm(device: torch.device):
+    """The bf16 GEMM to propose with, or ``None`` where the device has no fast one.
+
+    Without native bf16 (e.g. AVX2-only CPUs) a bf16 GEMM is ~100x slower than fp32, so the
+    fp32 path proposes instead: the exact rule makes the top-k the same either way.
+    ``BEYOND_TOP1_BF16=emulate`` runs the bf16 path anyway, as an fp32 GEMM of the bf16
+    values rounded to bf16 (the same arithmetic: exact products, fp32 sums), for tests.
+    """
+    if os.environ.get(BF16_ENV) == "emulate":
+        return lambda x16, w16: (x16.float() @ w16.float()).to(torch.bfloat16)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        try:
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            native = False
+    else:
+        native = False
+    return torch.matmul if native else None
 
 
-@dataclass
-class _Unembedding:
-    weight: Tensor  # [d_model, vocab], model dtype
-    bias: Tensor  # [vocab]
-    softcap: float = -1.0
-    weight16: Tensor | None = None
-    weight_t: Tensor | None = None  # [vocab, d_model] contiguous, for row gathers
-    col_norm16: Tensor | None = None  # ‖bf16(W_j)‖, padded up
-    col_error: Tensor | None = None  # ‖W_j - bf16(W_j)‖ + γ‖W_j‖, padded up
-
-    @classmethod
-    def of(cls, model, precision: str) -> _Unembedding:
-        """Cached per (weights, version, precision): the bf16 copy and column norms of a
-        ``[d_model, vocab]`` matrix cost more than a small batch's readout."""
-        weight, bias = hooked.unembedding(model)
-        key = (
-            weight.data_ptr(),
-            weight._version,
-            bias.data_ptr(),
-            bias._version,
-            tuple(weight.shape),
-            weight.dtype,
-            precision,
-        )
-        cached = _UNEMBEDDING_CACHE.get(key)
-        if cached is None or cached.weight is not weight and not torch.equal(cached.weight, weight):
-            cached = cls.of_tensors(weight, bias, precision, hooked.logit_softcap(model))
-            _UNEMBEDDING_CACHE.clear()  # hold one model's copies at most
-            _UNEMBEDDING_CACHE[key] = cached
-        return cached
-
-    @classmethod
-    def of_tensors(cls, weight, bias, precision: str, softcap: float = -1.0) -> _Unembedding:
-        out = cls(weight, bias, softcap)
-        if precision == "bf16":
-            gamma = 1.01 * weight.shape[0] * _FP32_UNIT
-            w16 = weight.to(torch.bfloat16)
-            w16_f = w16.float()
-            w_norm = weight.float().norm(dim=0)
-            out.weight16 = w16
-            out.weight_t = weight.t().contiguous()
-            out.col_norm16 = w16_f.norm(dim=0) * 1.001
-            out.col_error = ((weight.float() - w16_f).norm(dim=0) + gamma * w_norm) * 1.001
-        return out
+@functools.cache
+def _warn_no_bf16(device_type: str) -> None:
+    warnings.warn(
+        f"precision='bf16': this {device_type} has no fast bf16 matrix multiply, so fp32 GEMMs "
+        "propose the candidates instead (same top-k ids, ranks within k and saturation layers; "
+        "slower than bf16 where it is native)",
+        stacklevel=4,
+    )
 
 
-_UNEMBEDDING_CACHE: dict[tuple, _Unembedding] = {}
+@contextlib.contextmanager
+def _ieee_matmul():
+    """fp32 GEMMs in full fp32 (no TF32 or bf16 shortcuts), which the fp32 bound assumes."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 # ---------------------------------------------------------------------------------------------
-# One layer
+# Candidates
 # ---------------------------------------------------------------------------------------------
 
 
@@ -261,143 +397,273 @@ def _block_entries(block_index: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     return ids.clamp_max(vocab - 1), valid
 
 
-def _ranks_within(values: Tensor, thresholds: Tensor) -> Tensor:
-    """``1 + #{top-k values > threshold}``: the exact rank of a token whose logit is at least
-    the k-th value (anything above it is in the top-k)."""
-    return 1 + (values.unsqueeze(1) > thresholds.unsqueeze(-1)).sum(-1)
+def _kth_lower_bound(v: Tensor, err: Tensor, valid: Tensor, k: int) -> Float[Tensor, " rows"]:
+    """``τ``: the k-th largest ``v - err`` among valid entries (<= the k-th largest ``E``)."""
+    return (v - err).masked_fill(~valid, -math.inf).topk(k, dim=-1).values[:, -1]
 
 
-def _finish(ids, values, thresholds, counts, lse, final_ids, k):
-    """Log-probs and ranks from the selected top-k and the fused pass's counts."""
-    logprobs = values.float() - lse.unsqueeze(-1)
+def _compact(mask: Bool[Tensor, "rows n"], *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The entries where ``mask`` holds, moved to the front of each row and cut to the widest
+    row; returns ``(valid, *tensors)`` of shape ``[rows, max count]``."""
+    width = max(int(mask.sum(-1).max()), 1) if mask.numel() else 1
+    order = mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :width]
+    return (mask.gather(-1, order), *(t.gather(-1, order) for t in tensors))
+
+
+@dataclass
+class _Candidates:
+    """Per row: tokens that could be in the top k, with fast logits and their error bounds."""
+
+    ids: Tensor  # [rows, n]
+    values: Tensor  # [rows, n] fast logits (fp32)
+    errors: Tensor  # [rows, n]
+    valid: Tensor  # [rows, n]
+
+    @classmethod
+    def select(cls, ids, values, errors, valid, k: int) -> tuple[_Candidates, Tensor]:
+        """Entries whose upper bound reaches ``τ``; also returns ``τ`` per row."""
+        tau = _kth_lower_bound(values, errors, valid, k)
+        keep = valid & (values + errors >= tau[:, None])
+        keep_valid, ids, values, errors = _compact(keep, ids, values, errors)
+        return cls(ids, values, errors, keep_valid), tau
+
+    def rows(self, index: Tensor) -> _Candidates:
+        return _Candidates(
+            self.ids[index], self.values[index], self.errors[index], self.valid[index]
+        )
+
+
+def _resolve(normed, emb, cand: _Candidates, k: int):
+    """Top-k ids, logits (float64) and their error bounds from candidate lists.
+
+    Rows with exactly ``k`` candidates whose intervals are disjoint keep the fast order; the
+    rest are settled by :func:`_exact_order`. Returns ``(ids, logits, errors, n_exact)``.
+    """
+    values = cand.values.masked_fill(~cand.valid, -math.inf)
+    order = values.argsort(dim=-1, descending=True, stable=True)[:, :k]
+    ids = cand.ids.gather(-1, order)
+    top = cand.values.gather(-1, order).to(torch.float64)
+    err = cand.errors.gather(-1, order).to(torch.float64)
+    separated = (top[:, :-1] - err[:, :-1] > top[:, 1:] + err[:, 1:]).all(-1)
+    settled = (cand.valid.sum(-1) == k) & separated
+    ambiguous = (~settled).nonzero().squeeze(-1)
+    if len(ambiguous):
+        sub = cand.rows(ambiguous)
+        exact_ids, exact_values = _exact_order(normed[ambiguous], emb, sub.ids, sub.valid, k)
+        ids[ambiguous], top[ambiguous], err[ambiguous] = exact_ids, exact_values, 0.0
+    return ids, top, err, len(ambiguous)
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    ids: Tensor  # [rows, k]
+    logprobs: Tensor  # [rows, k]
+    ranks: Tensor  # [rows, k] (final tokens' ranks; 1..k at the last layer)
+    logprob_error: Tensor  # [rows]
+    n_exact: int
+    n_fallback: int
+
+
+def _normaliser_bound(spread: Tensor, vocab: int) -> Tensor:
+    """Bound on ``|log Z_fast - log Z|`` from ``Σ p_j (e^{e_j} - 1)`` and the rounding of the
+    fp32 sum (``γ_V``) and of the exponentials."""
+    gamma_v = vocab * _FP32_UNIT / (1 - vocab * _FP32_UNIT) + 16 * _FP32_UNIT
+    ratio = spread.double() + gamma_v
+    return torch.where(ratio < 1, -torch.log1p(-ratio.clamp_max(0.999999)), math.inf)
+
+
+def _finish(emb, cand_logits, cand_err, lse, lse_bound, ids, thresholds, counts, final_ids, k):
+    """Log-probs, their bounds, and the final tokens' ranks from the settled top-k."""
+    cap = emb.softcap
+    capped = cap * torch.tanh(cand_logits / cap) if cap > 0 else cand_logits
+    logprobs = (capped - lse.double().unsqueeze(-1)).float()
+    error = (cand_err.amax(-1) + lse_bound + 4 * _FP32_UNIT * logprobs.abs().amax(-1)).float()
     if final_ids is None:  # the last layer: the final tokens are this top-k
-        return ids, logprobs, _ranks_within(values, values)
-    in_top = thresholds >= values[:, -1:]
-    ranks = torch.where(in_top, _ranks_within(values, thresholds), counts.to(torch.int64) + 1)
-    return ids, logprobs, ranks
+        ranks = torch.arange(1, k + 1, device=ids.device).expand(ids.shape[0], k)
+        return logprobs, error, ranks.clone()
+    match = final_ids.unsqueeze(-1) == ids.unsqueeze(1)  # [rows, final i, layer rank r]
+    inside = match.any(-1)
+    place = match.to(torch.int64).argmax(-1) + 1
+    outside = (counts.to(torch.int64) + 1).clamp_min(k + 1)
+    return logprobs, error, torch.where(inside, place, outside)
 
 
-def _layer_fp32(emb: _Unembedding, normed: Tensor, k: int, final_ids: Tensor | None):
-    logits = _logits(normed, emb.weight, emb.bias).float()
-    if emb.softcap > 0:
-        logits = emb.softcap * torch.tanh(logits / emb.softcap)
-    tokens, vocab = logits.shape
+def _layer_fp32(emb: _Unembedding, normed: Tensor, k: int, final_ids: Tensor | None) -> _Layer:
+    rows, vocab = normed.shape[0], emb.vocab
+    with _ieee_matmul():
+        logits = normed @ emb.weight + emb.bias
+    row_scale = (emb.gamma * _row_norm(normed)).unsqueeze(-1)
     thresholds = (
         logits.gather(-1, final_ids)
         if final_ids is not None
-        else torch.full((tokens, k), math.inf, device=logits.device)
+        else torch.full((rows, k), math.inf, device=logits.device)
     )
-    counts, lse, blocks = _kernel("fp32", logits.numel())(logits, thresholds)
-    # Exact top-k from the top k+3 blocks; any row whose next block could reach the k-th value
-    # (a tie) takes the full topk.
+    counts, lse, spread, blocks = _kernel("fp32", logits.numel())(
+        logits, thresholds, row_scale, emb.col_norm, emb.softcap
+    )
     block_index, outside = _top_blocks(blocks, k + 3)
     entries, valid = _block_entries(block_index, vocab)
-    scores = logits.gather(-1, entries).masked_fill(~valid, -math.inf)
-    values, where = scores.topk(k, dim=-1)
-    ids = entries.gather(-1, where)
-    unsettled = ~(outside < values[:, -1])
-    if unsettled.any():
-        rows = unsettled.nonzero().squeeze(-1)
-        values[rows], ids[rows] = logits[rows].topk(k, dim=-1)
-    return (*_finish(ids, values, thresholds, counts, lse, final_ids, k), tokens)
-
-
-def _layer_bf16(
-    emb: _Unembedding, normed: Tensor, k: int, final_ids: Tensor | None, n_candidates: int
-):
-    tokens, d = normed.shape
-    vocab = emb.weight.shape[1]
-    gamma = 1.01 * d * _FP32_UNIT
-    x16 = normed.to(torch.bfloat16)
-    logits16 = x16 @ emb.weight16  # [T, V] bf16, accumulated in fp32
-    x16_f = x16.float()
-    row_input_error = ((normed.float() - x16_f).norm(dim=-1) + gamma * x16_f.norm(dim=-1)) * 1.001
-    row_norm = normed.float().norm(dim=-1) * 1.001
-    bias = emb.bias.float()
-    thresholds = (
-        _gathered_logits(normed, emb, final_ids).float()
-        if final_ids is not None
-        else torch.full((tokens, k), math.inf, device=normed.device)
+    values = logits.gather(-1, entries)
+    errors = _fp32_error(values, row_scale, emb.col_norm[entries])
+    cand, tau = _Candidates.select(entries, values, errors, valid, k)
+    wide = outside >= tau  # a token outside the selected blocks may compete: search the row
+    ids = torch.empty((rows, k), dtype=torch.int64, device=logits.device)
+    top = torch.empty((rows, k), dtype=torch.float64, device=logits.device)
+    err = torch.empty_like(top)
+    n_exact = 0
+    for part, is_wide in ((~wide).nonzero().squeeze(-1), False), (wide.nonzero().squeeze(-1), True):
+        if not len(part):
+            continue
+        if is_wide:
+            every = torch.arange(vocab, device=logits.device).expand(len(part), vocab)
+            sub_values = logits[part]
+            sub_errors = _fp32_error(sub_values, row_scale[part], emb.col_norm)
+            sub, _ = _Candidates.select(
+                every, sub_values, sub_errors, torch.ones_like(every, dtype=torch.bool), k
+            )
+        else:
+            sub = cand.rows(part)
+        ids[part], top[part], err[part], n = _resolve(normed[part], emb, sub, k)
+        n_exact += n
+    bound = _normaliser_bound(spread, vocab)
+    logprobs, error, ranks = _finish(
+        emb, top, err, lse, bound, ids, thresholds, counts, final_ids, k
     )
-    bound_args = (row_input_error, row_norm, emb.col_norm16, emb.col_error)
-    counts, lse16, blocks = _kernel("bf16", logits16.numel())(
-        logits16, bias, thresholds, *bound_args
-    )
-    # Candidates: the n_candidates largest upper bounds within the blocks of largest bounds.
-    n_cand = min(max(n_candidates, k + 1), vocab)
-    block_index, outside_blocks = _top_blocks(blocks, -(-n_cand // BLOCK) + k + 3)
-    entries, valid = _block_entries(block_index, vocab)
-    bounds = _upper_bound(
-        logits16.gather(-1, entries),
-        bias[entries],
-        row_input_error[:, None],
-        row_norm[:, None],
-        emb.col_norm16[entries],
-        emb.col_error[entries],
-    ).masked_fill(~valid, -math.inf)
-    n_cand = min(n_cand, entries.shape[1])
-    if n_cand < entries.shape[1]:
-        top_bounds, where = bounds.topk(n_cand + 1, dim=-1)
-        outside = torch.maximum(outside_blocks, top_bounds[:, n_cand])
-        where = where[:, :n_cand]
-    else:
-        where = torch.arange(n_cand, device=bounds.device).expand(tokens, n_cand)
-        outside = outside_blocks
-    candidates = entries.gather(-1, where)
-    candidate_valid = valid.gather(-1, where)
-    exact = _gathered_logits(normed, emb, candidates).masked_fill(~candidate_valid, -math.inf)
-    values, pick = exact.topk(k, dim=-1)
-    ids = candidates.gather(-1, pick)
-    # The normaliser with the candidates' bf16 terms replaced by their exact values.
-    approx = (logits16.gather(-1, candidates).float() + bias[candidates]).masked_fill(
-        ~candidate_valid, -math.inf
-    )
-    peak = lse16.unsqueeze(-1)
-    mass = 1.0 - (approx - peak).exp().sum(-1) + (exact - peak).exp().sum(-1)
-    lse = lse16 + mass.clamp_min(torch.finfo(torch.float32).tiny).log()
-    ids, logprobs, ranks = _finish(ids, values, thresholds, counts, lse, final_ids, k)
-    if final_ids is not None:  # counted on bf16 logits: at least k+1 when not in the top-k
-        ranks = torch.where(thresholds >= values[:, -1:], ranks, ranks.clamp_min(k + 1))
-    unsettled = ~(outside < values[:, -1])  # some non-candidate could reach the top-k
-    if unsettled.any():
-        rows = unsettled.nonzero().squeeze(-1)
-        redo = _layer_fp32(emb, normed[rows], k, None if final_ids is None else final_ids[rows])
-        ids[rows], logprobs[rows], ranks[rows] = redo[:3]
-    return ids, logprobs, ranks, tokens - int(unsettled.sum())
+    return _Layer(ids, logprobs, ranks, error, n_exact, int(wide.sum()))
 
 
 def _gathered_logits(
     normed: Float[Tensor, "tokens d_model"], emb: _Unembedding, ids: Int[Tensor, "tokens n"]
 ) -> Float[Tensor, "tokens n"]:
-    """fp32 logits of the given ids per row, each equal to the full fp32 path's bit for bit.
+    """fp32 GEMM logits of the given ids per row (within the fp32 bound of the exact ones).
 
     Computed as GEMMs over the union of the ids' columns, ``_GATHER_ROWS`` rows at a time (a
     small union per chunk keeps the cost at a few percent of the full unembedding), reading
-    rows of the transposed unembedding (contiguous). BLAS gives every element the same value as
-    in the full product as long as the product is not tiny: chunks are padded to at least
-    ``_MIN_GEMM_ROWS`` rows and 2 columns (checked by the test suite on the machine it runs on).
+    rows of the transposed unembedding (contiguous).
     """
     out = torch.empty(ids.shape, dtype=torch.float32, device=normed.device)
     weight_t = emb.weight_t if emb.weight_t is not None else emb.weight.t()
-    for start in range(0, ids.shape[0], _GATHER_ROWS):
-        rows = normed[start : start + _GATHER_ROWS]
-        n_rows = rows.shape[0]
-        if n_rows < _MIN_GEMM_ROWS:
-            rows = torch.cat([rows, rows.new_zeros(_MIN_GEMM_ROWS - n_rows, rows.shape[1])])
-        union, inverse = torch.unique(ids[start : start + _GATHER_ROWS], return_inverse=True)
-        columns = union if len(union) > 1 else union.repeat(2)
-        block = rows @ weight_t[columns].T + emb.bias[columns]
-        out[start : start + n_rows] = block[:n_rows].float().gather(-1, inverse)
+    with _ieee_matmul():
+        for start in range(0, ids.shape[0], _GATHER_ROWS):
+            rows = normed[start : start + _GATHER_ROWS]
+            union, inverse = torch.unique(ids[start : start + _GATHER_ROWS], return_inverse=True)
+            block = rows @ weight_t[union].T + emb.bias[union]
+            out[start : start + len(rows)] = block.gather(-1, inverse)
     return out
 
 
 _GATHER_ROWS = 128
-_MIN_GEMM_ROWS = 32
+
+
+def _layer_bf16(
+    emb: _Unembedding,
+    normed: Tensor,
+    k: int,
+    final_ids: Tensor | None,
+    n_candidates: int,
+    gemm=torch.matmul,
+) -> _Layer:
+    rows = normed.shape[0]
+    vocab = emb.vocab
+    x16 = normed.to(torch.bfloat16)
+    logits16 = gemm(x16, emb.weight16)  # [rows, vocab] bf16, accumulated in fp32
+    x16_f = x16.double()
+    row_input_error = (normed.double() - x16_f).norm(dim=-1) + emb.gamma * x16_f.norm(dim=-1)
+    row_input_error = (row_input_error * _SAFETY).float().unsqueeze(-1)
+    row_norm = _row_norm(normed).unsqueeze(-1)
+    bias = emb.bias
+    thresholds = (
+        logits16.gather(-1, final_ids).float() + bias[final_ids]  # the kernel's own values
+        if final_ids is not None
+        else torch.full((rows, k), math.inf, device=normed.device)
+    )
+    error_terms = (row_input_error, row_norm, emb.col_norm16, emb.col_error)
+    counts, lse16, spread16, blocks = _kernel("bf16", logits16.numel())(
+        logits16, bias, thresholds, *error_terms, emb.softcap
+    )
+    n_cand = min(max(n_candidates, k + 1), vocab)
+    block_index, outside = _top_blocks(blocks, -(-n_cand // BLOCK) + k + 3)
+    entries, valid = _block_entries(block_index, vocab)
+    y = logits16.gather(-1, entries).float()
+    errors16 = _bf16_error(
+        y, bias[entries], row_input_error, row_norm, emb.col_norm16[entries], emb.col_error[entries]
+    )
+    cand16, tau16 = _Candidates.select(entries, y + bias[entries], errors16, valid, k)
+    # Rows where a token outside the blocks may compete, or with too many candidates: fp32.
+    wide = (outside >= tau16) | (cand16.valid.sum(-1) > n_cand)
+    ids = torch.empty((rows, k), dtype=torch.int64, device=normed.device)
+    logprobs = torch.empty((rows, k), dtype=torch.float32, device=normed.device)
+    ranks = torch.empty((rows, k), dtype=torch.int64, device=normed.device)
+    error = torch.empty(rows, dtype=torch.float32, device=normed.device)
+    n_exact = 0
+    part = (~wide).nonzero().squeeze(-1)
+    if len(part):
+        sub16 = cand16.rows(part)
+        width = min(max(int(sub16.valid.sum(-1).max()), 1), sub16.ids.shape[1])
+        sub16 = _Candidates(*(t[:, :width] for t in vars(sub16).values()))
+        x = normed[part]
+        # The candidates' fp32 logits with their bound, and a second pruning.
+        values32 = _gathered_logits(x, emb, sub16.ids)
+        row_scale = (emb.gamma * _row_norm(x)).unsqueeze(-1)
+        errors32 = _fp32_error(values32, row_scale, emb.col_norm[sub16.ids])
+        cand32, _ = _Candidates.select(sub16.ids, values32, errors32, sub16.valid, k)
+        ids[part], top, err, n_exact = _resolve(x, emb, cand32, k)
+        lse, bound = _corrected_normaliser(
+            emb, lse16[part], spread16[part], sub16, values32, errors32, vocab
+        )
+        logprobs[part], error[part], ranks[part] = _finish(
+            emb, top, err, lse, bound, ids[part], thresholds[part], counts[part],
+            None if final_ids is None else final_ids[part], k,
+        )  # fmt: skip
+    redo = wide.nonzero().squeeze(-1)
+    if len(redo):
+        sub = _layer_fp32(emb, normed[redo], k, None if final_ids is None else final_ids[redo])
+        ids[redo], logprobs[redo], ranks[redo], error[redo] = (
+            sub.ids,
+            sub.logprobs,
+            sub.ranks,
+            sub.logprob_error,
+        )
+        n_exact += sub.n_exact
+    return _Layer(ids, logprobs, ranks, error, n_exact, len(redo))
+
+
+def _corrected_normaliser(emb, lse16, spread16, cand16, values32, errors32, vocab):
+    """``log Z`` with the candidates' bf16 terms swapped for fp32 ones, and its bound."""
+    cap = emb.softcap
+
+    def capped(v):
+        return cap * torch.tanh(v / cap) if cap > 0 else v
+
+    peak = lse16.double().unsqueeze(-1)
+    w16 = (capped(cand16.values.double()) - peak).exp().masked_fill(~cand16.valid, 0.0)
+    w32 = (capped(values32.double()) - peak).exp().masked_fill(~cand16.valid, 0.0)
+    mass = (1.0 - w16.sum(-1) + w32.sum(-1)).clamp_min(1e-300)
+    lse = lse16.double() + mass.log()
+    # Σ over non-candidates of p16 (e^{e16} - 1), plus the candidates' fp32 terms, over Z.
+    e16 = cand16.errors.double()
+    outside = spread16.double() - (w16 * (e16 + e16 * e16)).sum(-1)
+    inside = (w32 * torch.expm1(errors32.double())).sum(-1)
+    gamma_v = vocab * _FP32_UNIT / (1 - vocab * _FP32_UNIT)
+    ratio = (outside.clamp_min(0) + inside + gamma_v * (1 + spread16.double())) / mass
+    return lse, _normaliser_bound(ratio, vocab)
 
 
 # ---------------------------------------------------------------------------------------------
 # All layers
 # ---------------------------------------------------------------------------------------------
+
+
+def normed_residual(
+    lens, resid: Float[Tensor, "tokens d_model"], layer: int
+) -> Float[Tensor, "tokens d_model"]:
+    """``x`` of the exact rule: the lens map and the final norm in float64, rounded to fp32."""
+    return hooked.final_norm(lens.model, lens.transform(resid.double(), layer)).float()
 
 
 def lens_topk(
@@ -409,14 +675,16 @@ def lens_topk(
     precision: str = "fp32",
     n_candidates: int = DEFAULT_CANDIDATES,
 ) -> TopKReadout:
-    """Top-k readouts of ``resid`` (column ``j`` at ``layers[j]``) through ``lens``.
+    """Exact top-k read-outs of ``resid`` (column ``j`` at ``layers[j]``) through ``lens``.
 
     Args:
         lens: a :class:`~beyond_top1.lenses.Lens`.
         resid: residual streams; ``layers`` must end with the last layer ``L-1``.
         k: ranks to track (``1 <= k <= vocab``).
-        precision: ``"fp32"`` or ``"bf16"`` (see the module docstring).
-        n_candidates: bf16 path: entries per row recomputed in fp32.
+        precision: ``"fp32"`` or ``"bf16"``: which GEMM proposes candidates. The top-k ids,
+            their order, the in-top-k ranks and hence saturation layers do not depend on it
+            (see the module docstring).
+        n_candidates: bf16 path: rows with more candidates than this are read in fp32 whole.
 
     Returns:
         A :class:`TopKReadout` on the residual's device.
@@ -436,8 +704,9 @@ def lens_topk(
             f"resid must have shape [tokens, {len(layers)} layers, d_model], "
             f"got {tuple(resid.shape)}"
         )
-    if precision == "bf16" and hooked.logit_softcap(model) > 0:
-        warnings.warn("bf16 readout does not support logit soft-capping; using fp32", stacklevel=2)
+    gemm16 = _bf16_gemm(resid.device) if precision == "bf16" else None
+    if precision == "bf16" and gemm16 is None:
+        _warn_no_bf16(resid.device.type)
         precision = "fp32"
     emb = _Unembedding.of(model, precision)
     tokens = resid.shape[0]
@@ -445,23 +714,31 @@ def lens_topk(
     top_ids = torch.empty(shape, dtype=torch.int64, device=resid.device)
     top_logprobs = torch.empty(shape, dtype=torch.float32, device=resid.device)
     final_ranks = torch.empty(shape, dtype=torch.int64, device=resid.device)
+    logprob_error = torch.empty(shape[:2], dtype=torch.float32, device=resid.device)
     n_exact = n_fallback = 0
     final_ids = None
     with torch.inference_mode():
         for j in reversed(range(len(layers))):  # the last layer first: it defines the final top-k
-            normed = hooked.final_norm(model, lens.transform(resid[:, j], layers[j]))
             if tokens == 0:
                 continue
+            normed = normed_residual(lens, resid[:, j], layers[j])
             if precision == "fp32":
-                ids, logprobs, ranks, _ = _layer_fp32(emb, normed, k, final_ids)
+                layer = _layer_fp32(emb, normed, k, final_ids)
             else:
-                ids, logprobs, ranks, settled = _layer_bf16(emb, normed, k, final_ids, n_candidates)
-                n_exact += settled
-                n_fallback += tokens - settled
-            top_ids[:, j], top_logprobs[:, j], final_ranks[:, j] = ids, logprobs, ranks
+                layer = _layer_bf16(emb, normed, k, final_ids, n_candidates, gemm16)
+            top_ids[:, j], top_logprobs[:, j], final_ranks[:, j] = (
+                layer.ids,
+                layer.logprobs,
+                layer.ranks,
+            )
+            logprob_error[:, j] = layer.logprob_error
+            n_exact += layer.n_exact
+            n_fallback += layer.n_fallback
             if final_ids is None:
-                final_ids = ids
-    return TopKReadout(layers, top_ids, top_logprobs, final_ranks, n_exact, n_fallback)
+                final_ids = layer.ids
+    return TopKReadout(
+        layers, top_ids, top_logprobs, final_ranks, logprob_error, n_exact, n_fallback, precision
+    )
 
 
-__all__ = ["PRECISIONS", "TopKReadout", "lens_topk"]
+__all__ = ["PRECISIONS", "TopKReadout", "exact_logits", "lens_topk", "normed_residual"]

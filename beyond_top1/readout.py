@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
@@ -11,6 +12,7 @@ from beyond_top1 import hooked
 from beyond_top1.activations import resolve_layers
 from beyond_top1.data import tokenize
 from beyond_top1.lenses import Lens, LogitLens
+from beyond_top1.ranking import lens_topk
 
 
 def prompt_residuals(
@@ -35,7 +37,8 @@ def top_tokens(
     """Top-``k`` next tokens at ``position`` of ``prompt`` under ``lens``, for every layer.
 
     Returns a DataFrame with one row per (layer, rank): ``layer, rank, token_id, token, prob``
-    (ranks are 1-based; ``layer = -1`` is the embedding when ``include_embedding``).
+    (ranks are 1-based; ``layer = -1`` is the embedding when ``include_embedding``). The ids and
+    their order follow the exact read-out rule (:mod:`beyond_top1.ranking`).
     """
     lens = lens if lens is not None else LogitLens(model)
     vocab = hooked.d_vocab(model)
@@ -45,16 +48,15 @@ def top_tokens(
     ids, resid = prompt_residuals(model, prompt, layers)
     if not -len(ids) <= position < len(ids):
         raise IndexError(f"position {position} is outside the prompt's {len(ids)} tokens")
-    rows = []
-    with torch.inference_mode():
-        for j, layer in enumerate(layers):
-            probs = lens(resid[position, j], layer).float().softmax(-1)
-            values, indices = probs.topk(k)
-            for rank, (p, i) in enumerate(
-                zip(values.tolist(), indices.tolist(), strict=True), start=1
-            ):
-                rows.append((layer, rank, i, p))
-    frame = pd.DataFrame(rows, columns=["layer", "rank", "token_id", "prob"])
+    readout = lens_topk(lens, resid[position][None], layers, k)
+    frame = pd.DataFrame(
+        {
+            "layer": np.repeat(layers, k),
+            "rank": np.tile(np.arange(1, k + 1), len(layers)),
+            "token_id": readout.top_ids[0].reshape(-1).cpu().numpy(),
+            "prob": readout.top_logprobs[0].reshape(-1).double().exp().cpu().numpy(),
+        }
+    )
     frame.insert(3, "token", hooked.token_strings(model, frame["token_id"]))
     return frame
 

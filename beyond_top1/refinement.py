@@ -390,7 +390,7 @@ def read_questions(
     bar = tqdm(total=len(questions), unit="prompt", desc="questions", disable=not progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = make_token_batch([ids[i] for i in chunk], chunk, pad_id=pad, bos=False)
+        batch = make_token_batch([ids[i] for i in chunk], chunk, pad_id=pad, skip_first=False)
         lengths = batch.mask.sum(-1)
         resid = hooked.run_with_residuals(model, batch.tokens.to(device), layers)
         last = resid[torch.arange(len(chunk)), lengths.to(device) - 1]  # [b, layer, d]
@@ -455,7 +455,7 @@ def _closed_book(model, questions: Sequence[Question], *, batch_size: int) -> di
     for start in range(0, len(unique), batch_size):
         chunk = unique[start : start + batch_size]
         ids = [tokenize(model, question) for question, _ in chunk]
-        batch = make_token_batch(ids, list(range(len(chunk))), pad_id=pad, bos=False)
+        batch = make_token_batch(ids, list(range(len(chunk))), pad_id=pad, skip_first=False)
         with torch.inference_mode():
             logits = model(batch.tokens.to(device))
         last = logits[torch.arange(len(chunk)), batch.mask.sum(-1).to(device) - 1]

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
-from beyond_top1.data import DEFAULT_MAX_LEN, iter_token_batches
+from beyond_top1.data import DEFAULT_MAX_LEN, DEFAULT_SCORE_FIRST, iter_token_batches
 from beyond_top1.lenses.least_squares import DEFAULT_RIDGE, LeastSquaresAccumulator
 from beyond_top1.lenses.metrics import Moments, coordinate_r2, squared_error
 from hooks.replace import FwdHooks, constant_replacement, linear_replacement
@@ -95,11 +95,13 @@ def fit_submodule_maps(
     batch_size: int = 8,
     max_len: int | None = None,
     progress: bool = True,
+    score_first: bool = DEFAULT_SCORE_FIRST,
 ) -> SubmoduleMaps:
     """Fit input -> output least-squares maps of every ``(layer, kind)`` in one pass over texts.
 
-    Every scored token (no padding, no BOS) of every text is one row. ``ridge`` is relative
-    (see :mod:`beyond_top1.lenses.least_squares`); ``bias`` fits an offset (not penalised).
+    Every scored token (no padding, not position 0 unless ``score_first``; see
+    :mod:`beyond_top1.data`) of every text is one row. ``ridge`` is relative (see
+    :mod:`beyond_top1.lenses.least_squares`); ``bias`` fits an offset (not penalised).
     Memory: two float64 ``[layers, d+1, d]`` matrices per kind.
     """
     layers, kinds = _resolve(model, layers, kinds)
@@ -115,7 +117,10 @@ def fit_submodule_maps(
     start = time.perf_counter()
     total = len(texts) if hasattr(texts, "__len__") else None
     bar = tqdm(total=total, unit="text", desc="fit", disable=not progress, leave=False)
-    for batch in iter_token_batches(model, texts, batch_size=batch_size, max_len=max_len):
+    batches = iter_token_batches(
+        model, texts, batch_size=batch_size, max_len=max_len, score_first=score_first
+    )
+    for batch in batches:
         bar.update(len(batch.text_ids))
         _, acts = hooked.run_with_activations(model, batch.tokens.to(device), wanted)
         rows, cols = batch.scored.to(device).nonzero(as_tuple=True)
@@ -140,6 +145,7 @@ def fit_submodule_maps(
         "bias": bias,
         "n_tokens": n_tokens,
         "max_len": max_len or min(DEFAULT_MAX_LEN, hooked.n_ctx(model)),
+        "score_first": bool(score_first),
         "seconds": round(time.perf_counter() - start, 2),
     }
     return SubmoduleMaps(layers, kinds, weight, offset, mean, n_tokens, settings)
@@ -193,12 +199,13 @@ def evaluate_replacements(
     batch_size: int = 8,
     max_len: int | None = None,
     progress: bool = True,
+    score_first: bool = DEFAULT_SCORE_FIRST,
 ) -> pd.DataFrame:
     """Run the model once per ``(layer, kind, variant)`` with that one sub-module replaced.
 
     Each replaced run starts from the clean ``hook_resid_pre`` of the replaced block (the blocks
     before it are unchanged), so it costs ``L - l`` blocks. Positions are the scored tokens of
-    ``texts`` (no padding, no BOS).
+    ``texts`` (no padding, not position 0 unless ``score_first``).
 
     Returns one row per ``(layer, kind, variant)``: ``n_tokens``, ``precision_at_1`` (replaced
     top-1 == unmodified top-1), ``kl`` = mean ``KL(p_orig ‖ p_replaced)`` in nats with its
@@ -226,7 +233,10 @@ def evaluate_replacements(
     names = list(dict.fromkeys(names))
     total = len(texts) if hasattr(texts, "__len__") else None
     bar = tqdm(total=total, unit="text", desc="replace", disable=not progress, leave=False)
-    for batch in iter_token_batches(model, texts, batch_size=batch_size, max_len=max_len):
+    batches = iter_token_batches(
+        model, texts, batch_size=batch_size, max_len=max_len, score_first=score_first
+    )
+    for batch in batches:
         bar.update(len(batch.text_ids))
         tokens = batch.tokens.to(device)
         logits, acts = hooked.run_with_activations(model, tokens, names, return_logits=True)

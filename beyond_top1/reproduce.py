@@ -35,9 +35,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from beyond_top1 import hooked
+from beyond_top1.interventions import SUMMARY_COLUMNS
+from beyond_top1.saturation import ORDERING_LABELS
 from beyond_top1.stages import (
     StageRecord,
     Stages,
@@ -46,6 +49,8 @@ from beyond_top1.stages import (
     atomic_write_text,
     jsonable,
 )
+
+HELDOUT_PROBE_FILE = "probe_heldout.safetensors"  # fitted on the first half of the texts
 
 PROMPTS = (
     "The capital of France is Paris. The capital of Germany is",
@@ -596,16 +601,8 @@ class _Context:
             if "ordering" in summary:
                 out["ordering"] = {
                     key: summary["ordering"].get(key)
-                    for key in (
-                        "n_filtered",
-                        "n_kept",
-                        "mean_tau",
-                        "tau_se",
-                        "null_mean",
-                        "null_std",
-                        "p_value",
-                        "frac_strictly_increasing",
-                    )
+                    for key in ORDERING_LABELS
+                    if key != "n_positions"
                 }
             timing = target / "timing.json"
             if timing.is_file():
@@ -655,7 +652,8 @@ class _Context:
                 "n_kept",
                 "mean_tau",
                 "tau_se",
-                "p_value",
+                "p_value_kept",
+                "p_value_all",
                 "n_permutations",
                 "frac_strictly_increasing",
             )
@@ -701,9 +699,13 @@ class _Context:
                     raise ValueError("no probe rows: no layer has every task 1..k")
                 cv = cross_validate_task_probe(data, n_splits=s.probe_folds, seed=self.seed)
                 probe = TaskProbe().fit(data)
+                # the interventions' evidence: a probe that never saw their target texts
+                fit_half = data.groups < len(texts) // 2
+                heldout = TaskProbe().fit(data.subset(np.flatnonzero(fit_half)))
             except ValueError as exc:
                 raise StageUnavailable(f"task probe: {exc}") from None
             probe.save(folder / "probe.safetensors")
+            heldout.save(folder / HELDOUT_PROBE_FILE)
             _write_csv(cv.folds, folder / "cv_folds.csv")
             _write_csv(cv.per_class, folder / "cv_per_class.csv")
             _write_csv(cv.per_layer, folder / "cv_per_layer.csv")
@@ -765,14 +767,16 @@ class _Context:
             result = load_scan(scan_stage.directory / "scan")
             probe = None
             if probe_stage is not None and probe_stage.ok:
-                probe = load_probe(probe_stage.directory / "probe.safetensors", m.model)
+                probe = load_probe(probe_stage.directory / HELDOUT_PROBE_FILE, m.model)
+            texts = self.scan_texts()[0]
             try:
                 outcome = intervene(
                     m.model,
                     result,
-                    self.scan_texts()[0],
+                    texts,
                     a=s.intervention_a,
                     max_pairs=s.intervention_pairs,
+                    text_ids=range(len(texts) // 2, len(texts)),  # the held-out probe's
                     probe=probe,
                     seed=self.seed,
                     progress=self.progress,
@@ -792,10 +796,7 @@ class _Context:
             out = {"n_pairs": len(outcome.pairs), "delta": outcome.settings.get("delta")}
             for row in by_sign.to_dict(orient="records"):
                 key = "d_ge_0" if ">=" in str(row["offsets"]) else "d_lt_0"
-                out[key] = {
-                    c: row.get(c)
-                    for c in ("n", "success_rate", "strict_rate", "random_success_rate")
-                }
+                out[key] = {c: row.get(c) for c in SUMMARY_COLUMNS if c in row}
             return out
 
         after = [scan_stage] + ([probe_stage] if probe_stage is not None else [])

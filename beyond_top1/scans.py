@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 
 from beyond_top1 import hooked
 from beyond_top1.activations import stream_residuals
-from beyond_top1.data import DEFAULT_MAX_LEN
+from beyond_top1.data import DEFAULT_MAX_LEN, DEFAULT_SCORE_FIRST
 from beyond_top1.lenses import Lens, LogitLens
 from beyond_top1.ranking import DEFAULT_CANDIDATES, PRECISIONS, lens_topk
 from beyond_top1.saturation import (
@@ -215,6 +215,7 @@ def scan(
     texts_description: str | None = None,
     n_permutations: int = DEFAULT_PERMUTATIONS,
     progress: bool = True,
+    score_first: bool = DEFAULT_SCORE_FIRST,
 ) -> ScanResult:
     """Rank trajectories and saturation layers for every scored position of ``texts``.
 
@@ -224,13 +225,16 @@ def scan(
         lens: how layers are read (default: :class:`~beyond_top1.lenses.LogitLens`).
         k: ranks tracked; ``s_1..s_k`` are computed (``1 <= k <= vocab``).
         batch_size, max_len: texts per forward pass; tokens per text (default 128).
-        precision: ``"fp32"``, or ``"bf16"`` for the verified fast path (same top-k ids and
-            saturation layers; ranks beyond ``k`` approximate; see :mod:`beyond_top1.ranking`).
+        precision: which GEMM proposes candidates, ``"fp32"`` or ``"bf16"``: the exact rule
+            gives the same top-k ids, ranks within ``k`` and saturation layers either way;
+            ranks beyond ``k`` and log-probs carry the bounds of :mod:`beyond_top1.ranking`.
         out: a folder to write shards and final files to (resumable; see module docstring).
         resume: continue an interrupted run in ``out`` (settings must match).
         lens_source: how the lens was given (e.g. its folder), recorded in the settings.
         texts_description: how the texts were chosen, recorded in the settings.
         n_permutations: permutations of the ordering null written to ``summary.json``.
+        score_first: score position 0 of a model without BOS (default: not; it is the
+            attention sink, see :mod:`beyond_top1.data`).
 
     Returns:
         A :class:`ScanResult`.
@@ -264,6 +268,7 @@ def scan(
         "texts": texts_description,
         "texts_sha256": texts_fingerprint(texts),
         "shard_batches": shard_batches,
+        "score_first": bool(score_first),
     }
     store = _ShardStore(Path(out), settings, resume) if out is not None else None
     parts = store.completed_prefix() if store else []  # finished shards are never recomputed
@@ -279,6 +284,7 @@ def scan(
         max_len=max_len,
         skip_batches=n_done,
         progress=progress,
+        score_first=score_first,
     )
     for batch in batches:
         pending.append(_scan_batch(batch, lens, k, precision, n_candidates))

@@ -42,7 +42,8 @@ class Trajectory:
         s: ``[pos, k]`` saturation layers ``s_1..s_k``.
         next_logprob: ``[pos]`` final log-prob of the actual next token (NaN at the last
             position).
-        next_rank: ``[pos]`` its final rank (``-1`` at the last position).
+        next_rank: ``[pos]`` its final rank (``-1`` at the last position); exact within the top
+            k, counted on fp32 logits beyond it.
         vocab: decoded string of every token id that appears above.
         settings: model name, lens kind, k, L, precision.
     """
@@ -187,7 +188,11 @@ def trajectory(
         next_ids = ids_t[1:]
         target = logits[:-1].gather(-1, next_ids[:, None])
         next_logprob = (target[:, 0] - logits[:-1].logsumexp(-1)).cpu().numpy()
-        next_rank = ((logits[:-1] > target).sum(-1) + 1).cpu().numpy()
+        # within the final top-k the exact rule's rank; beyond it, counted on fp32 logits
+        final_ids = readout.final_ids[:-1]
+        match = final_ids == next_ids[:, None]
+        counted = ((logits[:-1] > target).sum(-1) + 1).clamp_min(k + 1)
+        next_rank = torch.where(match.any(-1), match.int().argmax(-1) + 1, counted).cpu().numpy()
     top_ids = readout.top_ids.cpu().numpy().astype(np.int64)
     unique = np.unique(np.concatenate([top_ids.ravel(), np.asarray(ids, dtype=np.int64)]))
     vocab = dict(zip(unique.tolist(), hooked.token_strings(model, unique), strict=True))

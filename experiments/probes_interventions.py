@@ -1,14 +1,18 @@
 """Task-index probes and task-shift interventions (paper 001 §2.3, §3; DESIGN.md §3).
 
-One scan (k = max(--ks)) of held-out Wikipedia texts, then for every k in --ks a task probe
-cross-validated with GroupKFold by text against the shuffled-label baseline, then the
-task-shift interventions at offsets d in [-a, a] with both controls and the k = --probe-k
-probe's predicted task after the patch. Writes CSV/JSON and figures under --out:
+One scan (k = max(--ks)) of validation Wikipedia texts, then for every k in --ks a task probe
+cross-validated with GroupKFold by text against the shuffled-label baseline. Then the task-shift
+interventions at offsets d in [-a, a] on the validation texts, forward pairs (source before the
+target) and, reported apart, backward pairs, each with the matched-donor and random controls and
+the predicted task of a k = --probe-k probe fitted on a second scan, of *train* texts (held out
+from every target). Writes CSV/JSON and figures under --out:
 
-    scan/                      the scan (reused when present, as are finished probe_k* folders)
+    scan/, scan_probe_fit/     the two scans (reused when present, as are finished steps)
     probe_k{k}/                folds.csv, per_class.csv, per_layer.csv, counts.csv, cv.json,
-                               probe.safetensors (fitted on all rows)
-    interventions/             pairs.csv, trials.csv, by_offset.csv, by_sign.csv, summary.json
+                               probe.safetensors (fitted on all validation rows)
+    probe_heldout.safetensors  the k = --probe-k probe fitted on the train texts
+    interventions_{forward,backward}/  pairs.csv, trials.csv, by_offset.csv, by_sign.csv,
+                               summary.json
     figures/                   probe_per_layer.png/.svg, intervention_success.png/.svg
     summary.json               everything above in one file, with timings
 
@@ -40,10 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-texts", type=int, default=120)
+    p.add_argument("--n-probe-texts", type=int, default=120, help="train texts for the probe")
     p.add_argument("--split", default="val")
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--ks", type=int, nargs="+", default=[3, 5])
     p.add_argument("--min-layer", type=int, default=0)
     p.add_argument("--max-per-class", type=int, default=300)
@@ -75,21 +80,25 @@ def main(argv=None) -> dict:
 
     model = bt.load_model(args.model, seed=args.seed)
     texts = bt.wiki_texts(args.n_texts, split=args.split, seed=args.seed)
-    scan_dir = out / "scan"
-    if (scan_dir / "summary.json").exists():
-        scan = bt.load_scan(scan_dir)
-    else:
-        scan = bt.scan(
+
+    def scan_of(folder: Path, texts: list[str], description: str):
+        if (folder / "summary.json").exists():
+            return bt.load_scan(folder)
+        return bt.scan(
             model,
             texts,
             k=max(args.ks),
             batch_size=args.batch_size,
             max_len=args.max_len,
             precision=args.precision,
-            out=scan_dir,
+            out=folder,
             resume=True,
-            texts_description=f"wiki_texts({args.n_texts}, split={args.split!r}, seed={args.seed})",
+            texts_description=description,
         )
+
+    scan = scan_of(
+        out / "scan", texts, f"wiki_texts({args.n_texts}, split={args.split!r}, seed={args.seed})"
+    )
     timings["scan_s"] = round(time.perf_counter() - clock, 1)
     summary: dict = {"args": vars(args), "scan": repr(scan), "n_positions": len(scan)}
 
@@ -144,31 +153,67 @@ def main(argv=None) -> dict:
         )
     save_figure(plot_probe_per_layer(per_layer, chance=None), out / "figures" / "probe_per_layer")
 
+    # The probe behind the interventions' evidence: fitted on train texts, never on a target's.
     clock = time.perf_counter()
-    result = intervene(
-        model,
-        scan,
-        texts,
-        a=args.a,
-        delta=args.delta,
-        max_distance=args.max_distance,
-        max_pairs=args.max_pairs,
-        probe=probes.get(args.probe_k),
-        batch_size=args.rows_per_batch,
-        seed=args.seed,
-    )
-    result.save(out / "interventions")
-    timings["interventions_s"] = round(time.perf_counter() - clock, 1)
-    save_figure(
-        plot_intervention_success(result.by_offset()), out / "figures" / "intervention_success"
-    )
-    summary["interventions"] = result.summary()
-    summary["interventions_by_offset"] = result.by_offset().to_dict(orient="records")
+    heldout_path = out / "probe_heldout.safetensors"
+    if heldout_path.exists():
+        heldout = load_probe(heldout_path, model)
+    else:
+        fit_texts = bt.wiki_texts(args.n_probe_texts, split="train", seed=args.seed)
+        fit_scan = scan_of(
+            out / "scan_probe_fit",
+            fit_texts,
+            f"wiki_texts({args.n_probe_texts}, split='train', seed={args.seed})",
+        )
+        data = task_dataset(
+            model,
+            fit_scan,
+            fit_texts,
+            k=args.probe_k,
+            min_layer=args.min_layer,
+            max_per_class=args.max_per_class,
+            features=args.features,
+            seed=args.seed,
+        )
+        heldout = TaskProbe(C=args.C).fit(data)
+        heldout.save(heldout_path)
+        summary["probe_heldout"] = data.summary()
+    timings["probe_heldout_s"] = round(time.perf_counter() - clock, 1)
+
+    by_offset = {}
+    cols = ["d", "n", "success_rate", "success_se", "strict_rate", "matched_n"]
+    cols += ["matched_success_rate", "effect_vs_matched", "effect_vs_matched_se", "random_n"]
+    cols += ["random_success_rate", "probe_n", "probe_moved_1_to_2", "matched_probe_moved_1_to_2"]
+    for direction in ("forward", "backward"):
+        clock = time.perf_counter()
+        result = intervene(
+            model,
+            scan,
+            texts,
+            a=args.a,
+            delta=args.delta,
+            max_distance=args.max_distance,
+            max_pairs=args.max_pairs,
+            direction=direction,
+            probe=heldout,
+            batch_size=args.rows_per_batch,
+            seed=args.seed,
+        )
+        result.save(out / f"interventions_{direction}")
+        timings[f"interventions_{direction}_s"] = round(time.perf_counter() - clock, 1)
+        summary[f"interventions_{direction}"] = result.summary()
+        summary[f"interventions_{direction}_by_offset"] = result.by_offset().to_dict(
+            orient="records"
+        )
+        by_offset[direction] = result.by_offset()
+        present = [c for c in cols if c in by_offset[direction].columns]
+        print(f"{direction}: {len(result.pairs)} pairs")
+        print(by_offset[direction][present].round(3).to_string(index=False))
+        sign = result.by_sign()
+        print(sign[["offsets", *present[1:]]].round(3).to_string(index=False))
+    save_figure(plot_intervention_success(by_offset), out / "figures" / "intervention_success")
     summary["timings"] = timings
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    cols = ["d", "n", "success_rate", "strict_rate", "random_success_rate", "own_success_rate"]
-    print(result.by_offset()[cols].round(3).to_string(index=False))
-    print(result.by_sign()[["offsets", *cols[1:]]].round(3).to_string(index=False))
     print(json.dumps(timings))
     return summary
 

@@ -157,7 +157,8 @@ def mean_from_stream(
 
     ``batches``: :class:`beyond_top1.ResidualBatch` objects (anything with ``.at(layer)`` →
     ``[tokens, d_model]`` and ``.positions`` → ``[tokens]``), e.g.
-    ``bt.stream_residuals(model, texts, layers=[layer])``. Padding and BOS are already left out.
+    ``bt.stream_residuals(model, texts, layers=[layer])``. Padding and position 0 are already
+    left out.
     ``per_position``: ``[max_pos + 1, d_model]``, NaN where no token was seen.
 
     >>> mu = mean_from_stream(bt.stream_residuals(model, bt.wiki_texts(200), layers=[6]), 6)

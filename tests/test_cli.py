@@ -70,7 +70,8 @@ def test_scan_and_order_commands(converted, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "mean strict tau" in result.stdout
     frame = pd.read_parquet(tmp_path / "a" / "saturation.parquet")
-    assert list(frame.columns[-3:]) == ["s_1", "s_2", "s_3"] and len(frame) == 12 + 5
+    # every token but the first of each text (12 and 5 tokens): position 0 is not scored
+    assert list(frame.columns[-3:]) == ["s_1", "s_2", "s_3"] and len(frame) == 11 + 4
     again = run_cli("scan", *common, "--k", "3", "--out", str(tmp_path / "a"))
     assert again.returncode == 2 and "--resume" in again.stderr
     order = run_cli("order", str(tmp_path / "a"), "--csv", str(tmp_path / "order.csv"))

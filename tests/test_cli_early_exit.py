@@ -30,7 +30,7 @@ def test_early_exit_arguments_parse():
     )
     assert args.mode == "generate" and args.criterion == "probe_conf" and args.theta == 0.8
     args = build_parser().parse_args(["early-exit", "simulate", "--out", "x"])
-    assert args.precision == "bf16" and args.m == 6 and args.linear_lens is None
+    assert args.precision == "fp32" and args.m == 6 and args.linear_lens is None
 
 
 @pytest.mark.slow

@@ -35,14 +35,25 @@ def test_probe_then_intervene_in_process(tiny_cli, tmp_path, capsys):
     assert (probe_dir / "figures" / "probe_per_layer.png").is_file()
     cv = json.loads((probe_dir / "cv.json").read_text())
     assert cv["cv"]["k"] == 2 and cv["cv"]["n_splits"] == 2
-    # reuse the scan folder and the probe for the interventions
+    # the probe's own texts are refused as targets: its evidence there would be in-sample
+    iv = ["--delta", "2", "--a", "1", "--max-pairs", "6"]
+    probe_file = str(probe_dir / "probe.safetensors")
+    code = main(
+        ["intervene", *ARGS, "--scan", str(probe_dir / "scan"), "--probe", probe_file, *iv,
+         "--out", str(tmp_path / "in-sample")]
+    )  # fmt: skip
+    assert code == 2 and "in-sample" in capsys.readouterr().err
+    # a probe fitted on train texts is held out from the validation targets
+    train_dir = tmp_path / "probe-train"
+    code = main(
+        ["probe", *ARGS, "--split", "train", "--k", "2", "--scan-k", "3", "--folds", "2",
+         "--out", str(train_dir)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
     out = tmp_path / "iv"
     code = main(
-        [
-            "intervene", *ARGS, "--scan", str(probe_dir / "scan"), "--probe",
-            str(probe_dir / "probe.safetensors"), "--delta", "2", "--a", "1",
-            "--max-pairs", "6", "--out", str(out),
-        ]
+        ["intervene", *ARGS, "--scan", str(probe_dir / "scan"), "--probe",
+         str(train_dir / "probe.safetensors"), *iv, "--out", str(out)]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     by_offset = pd.read_csv(out / "by_offset.csv")
@@ -71,13 +82,15 @@ def test_probe_and_intervene_commands_in_a_subprocess(tmp_path):
     from test_cli import run_cli
 
     common = ["--model", "untrained:gpt2-small", "--n-texts", "24", "--max-len", "48"]
-    result = run_cli("probe", *common, "--k", "3", "--folds", "3", "--out", str(tmp_path / "p"))
+    result = run_cli(
+        "probe", *common, "--split", "train", "--k", "3", "--folds", "3", "--out",
+        str(tmp_path / "p"),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "balanced accuracy" in result.stdout
     result = run_cli(
-        "intervene", *common, "--scan", str(tmp_path / "p" / "scan"), "--probe",
-        str(tmp_path / "p" / "probe.safetensors"), "--max-pairs", "20", "--out",
-        str(tmp_path / "iv"),
+        "intervene", *common, "--probe", str(tmp_path / "p" / "probe.safetensors"),
+        "--max-pairs", "20", "--out", str(tmp_path / "iv"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "iv" / "by_offset.csv").is_file()

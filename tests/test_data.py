@@ -96,13 +96,26 @@ def test_tokenize_errors_and_truncation(tiny_model):
         bt.tokenize(tiny_model, "hello", max_len=65)
 
 
-def test_token_batch_masks_padding_and_bos():
-    batch = data.make_token_batch([[5, 6, 7], [8]], [10, 11], pad_id=0, bos=True)
+def test_token_batch_masks_padding_and_position_0():
+    batch = data.make_token_batch([[5, 6, 7], [8]], [10, 11], pad_id=0, skip_first=True)
     assert batch.tokens.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch.mask.tolist() == [[True, True, True], [True, False, False]]
     assert batch.scored.tolist() == [[False, True, True], [False, False, False]]
     assert batch.next_tokens.tolist() == [[6, 7, -1], [-1, -1, -1]]
     assert batch.text_ids.tolist() == [10, 11]
+    every = data.make_token_batch([[5, 6, 7], [8]], [10, 11], pad_id=0, skip_first=False)
+    assert every.scored.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_position_0_is_scored_only_on_request(tiny_model):
+    """Without BOS (the tiny models, SmolLM2) the first token is the attention sink: left out
+    unless score_first=True."""
+    texts = ["one two three", "four"]
+    default = list(data.iter_token_batches(tiny_model, texts))[0]
+    first = list(data.iter_token_batches(tiny_model, texts, score_first=True))[0]
+    assert not default.scored[:, 0].any() and first.scored[:, 0].all()
+    assert torch.equal(default.scored[:, 1:], first.scored[:, 1:])
+    assert bt.activations.count_scored_tokens(tiny_model, texts) == int(first.mask.sum()) - 2
 
 
 def test_streamed_residuals_equal_unbatched_runs(tiny_model):
@@ -114,10 +127,10 @@ def test_streamed_residuals_equal_unbatched_runs(tiny_model):
     for text_id, text in enumerate(texts):
         ids, solo = prompt_residuals(tiny_model, text)
         rows = batch.text_ids == text_id
-        assert batch.positions[rows].tolist() == list(range(len(ids)))
-        assert batch.token_ids[rows].tolist() == ids
-        assert batch.next_token_ids[rows].tolist() == ids[1:] + [-1]
-        torch.testing.assert_close(batch.resid[rows], solo, rtol=1e-4, atol=1e-5)
+        assert batch.positions[rows].tolist() == list(range(1, len(ids)))  # 0: the sink
+        assert batch.token_ids[rows].tolist() == ids[1:]
+        assert batch.next_token_ids[rows].tolist() == (ids[1:] + [-1])[1:]
+        torch.testing.assert_close(batch.resid[rows], solo[1:], rtol=1e-4, atol=1e-5)
     assert len(batch) == bt.activations.count_scored_tokens(tiny_model, texts, max_len=64)
 
 
@@ -126,7 +139,7 @@ def test_stream_chooses_layers_and_skips_batches(tiny_model):
     full = list(stream_residuals(tiny_model, texts, layers=[-1, 2], batch_size=2, progress=False))
     assert [b.batch_index for b in full] == [0, 1]
     assert full[0].resid.shape[1:] == (2, tiny_model.cfg.d_model)
-    assert full[1].text_ids.unique().tolist() == [2, 3]
+    assert full[1].text_ids.unique().tolist() == [3]  # "six" is one token: nothing to score
     resumed = list(
         stream_residuals(
             tiny_model, texts, layers=[-1, 2], batch_size=2, skip_batches=1, progress=False

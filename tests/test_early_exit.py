@@ -411,11 +411,13 @@ def test_collected_signals_match_a_direct_computation(tiny_model, tiny_signals):
     L = hooked.n_layers(tiny_model)
     ids = tokenize(tiny_model, texts[1])
     rows = np.flatnonzero(signals.text_id == 1)
-    assert signals.pos[rows].tolist() == list(range(len(ids) - 1))  # the last token has no gold
-    assert signals.gold[rows].tolist() == ids[1:]
+    # position 0 (the sink) is not scored, the last token has no gold
+    assert signals.pos[rows].tolist() == list(range(1, len(ids) - 1))
+    assert signals.gold[rows].tolist() == ids[2:]
     with torch.inference_mode():
         resid = hooked.run_with_residuals(tiny_model, torch.tensor([ids]), tuple(range(-1, L)))[0]
-        logits = tiny_model(torch.tensor([ids]), return_type="logits")[0]
+        resid = resid[1:]  # the scored positions, and the last one
+        logits = tiny_model(torch.tensor([ids]), return_type="logits")[0][1:]
         assert signals.final_top1[rows].tolist() == logits[:-1].argmax(-1).tolist()
         for name, lens in lenses.items():
             for layer in range(L):
@@ -473,12 +475,13 @@ def test_a_fitted_task_probe_plugs_into_the_probe_criterion(tiny_model):
     y = np.tile(np.arange(1, L + 1), len(ids))  # "task" = layer + 1: learnable, 3 classes
     probe = TaskProbe().fit(X, y)
     signals = collect_exit_signals(tiny_model, [text], probe=probe, progress=False)
-    expected = probe.predict(resid[:-1].reshape(-1, resid.shape[-1]).numpy()).reshape(-1, L)
+    scored = resid[1:-1]  # not position 0 (the sink), not the last (no gold)
+    expected = probe.predict(scored.reshape(-1, resid.shape[-1]).numpy()).reshape(-1, L)
     assert signals.probe_task.tolist() == expected.tolist()
     assert probe_predict(probe, resid[0]).tolist() == probe.predict(resid[0].numpy()).tolist()
     r = simulate_exit(signals, "probe", "logit")
     assert r.exit_layer.tolist() == first_firing_layer(expected >= 2).tolist()
-    proba = probe.predict_proba(resid[:-1].reshape(-1, resid.shape[-1]).numpy())
+    proba = probe.predict_proba(scored.reshape(-1, resid.shape[-1]).numpy())
     settled = proba[:, probe.classes_ >= 2].sum(1).reshape(-1, L)
     np.testing.assert_allclose(signals.probe_settled, settled, rtol=1e-5, atol=1e-6)
     r = simulate_exit(signals, "probe_conf", "logit", 0.7)
@@ -521,3 +524,18 @@ def test_with_probe_recomputes_only_the_probe_signals(tiny_model, tiny_signals):
     assert np.array_equal(again.probe_task, signals.probe_task)
     with pytest.raises(ValueError, match="same texts"):
         with_probe(signals, tiny_model, texts[:2], Other(), progress=False)
+
+
+def test_bf16_margins_stay_within_the_tolerance_of_fp32(smollm2, monkeypatch):
+    """bf16 bounds the normaliser only loosely: margins it cannot vouch for are re-read."""
+    from beyond_top1 import ranking
+    from beyond_top1.early_exit import MARGIN_TOLERANCE
+
+    monkeypatch.setenv(ranking.BF16_ENV, "emulate")
+    texts = ["The cat sat on the mat.", "Paris is the capital of France, and"]
+    fp32 = collect_exit_signals(smollm2, texts, precision="fp32", progress=False)
+    bf16 = collect_exit_signals(smollm2, texts, precision="bf16", progress=False)
+    assert np.array_equal(bf16.top1["logit"], fp32.top1["logit"])
+    gap = np.abs(bf16.margin["logit"].astype(np.float64) - fp32.margin["logit"])
+    assert gap.max() <= MARGIN_TOLERANCE + 1e-6
+    assert bf16.settings["positions_reread_in_fp32"] > 0

@@ -49,29 +49,40 @@ def pair_frame(seed=0, n_texts=4, per_text=25) -> pd.DataFrame:
     )
 
 
-def brute_force_pairs(frame, max_distance, delta):
+def brute_force_pairs(frame, max_distance, delta, direction="forward"):
+    """(source row, target row): same text and top-1, s gap >= delta, the source before the
+    target (forward) or after it (backward), at most max_distance tokens apart."""
     pairs = set()
     rows = frame.to_dict("records")
     for i, j in itertools.permutations(range(len(rows)), 2):
-        a, b = rows[i], rows[j]
+        a, b = rows[i], rows[j]  # a: source, b: target
+        ahead = b["pos"] - a["pos"] if direction == "forward" else a["pos"] - b["pos"]
         if (
             a["text_id"] == b["text_id"]
             and a["top_1_id"] == b["top_1_id"]
-            and 0 < abs(a["pos"] - b["pos"]) <= max_distance
+            and 0 < ahead <= max_distance
             and b["s_1"] - a["s_1"] >= delta
         ):
             pairs.add((i, j))
     return pairs
 
 
-def test_find_pairs_matches_brute_force():
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_find_pairs_matches_brute_force(direction):
     frame = pair_frame()
-    pairs = find_pairs(frame, max_distance=10, delta=8, max_pairs=None, one_per_target=False)
-    expected = brute_force_pairs(frame, 10, 8)
-    assert len(expected) > 20
+    pairs = find_pairs(
+        frame, max_distance=10, delta=8, max_pairs=None, one_per_target=False, direction=direction
+    )
+    expected = brute_force_pairs(frame, 10, 8, direction)
+    assert len(expected) > 10
     assert set(zip(pairs["src_row"], pairs["tgt_row"], strict=True)) == expected
     assert (pairs["s_tgt"] - pairs["s_src"] >= 8).all()  # the source saturates first
     assert (pairs["distance"] <= 10).all() and (pairs["distance"] > 0).all()
+    before = pairs["src_pos"] < pairs["tgt_pos"]
+    assert before.all() if direction == "forward" else (~before).all()
+    assert (pairs["direction"] == direction).all()
+    only = find_pairs(frame, max_distance=10, delta=8, max_pairs=None, text_ids=[1, 3])
+    assert set(only["text_id"]) <= {1, 3} and len(only) > 0
     src = frame.iloc[pairs["src_row"]]
     assert (src["pos"].to_numpy() == pairs["src_pos"].to_numpy()).all()
     assert (src["top_1_id"].to_numpy() == pairs["top1_id"].to_numpy()).all()
@@ -202,8 +213,19 @@ def rms_model():
 
 @pytest.fixture(scope="module")
 def small_scan(rms_model):
-    texts = bt.wiki_texts(6, split="val", seed=0)
-    return texts, bt.scan(rms_model, texts, k=3, max_len=32, batch_size=3, progress=False)
+    texts = bt.wiki_texts(12, split="val", seed=0)
+    return texts, bt.scan(rms_model, texts, k=3, max_len=32, batch_size=4, progress=False)
+
+
+def reference_outcome(model, ids, target, layer, source):
+    """New s_1 and final top-1 of the target after the patch: a plain run_with_hooks, float64
+    logits and the definition of s_1 as loops."""
+    resid = reference_patch(model, ids, target, layer, source)  # [L, d]
+    normed = model.ln_final(resid.double()[None])[0].double()
+    logits = normed @ model.W_U.detach().double() + model.b_U.detach().double()
+    top1 = logits.argmax(-1).tolist()
+    s1 = next(l for l in range(L_TINY) if all(t == top1[-1] for t in top1[l:]))
+    return s1, top1[-1]
 
 
 def test_intervene_end_to_end(rms_model, small_scan, tmp_path):
@@ -214,27 +236,41 @@ def test_intervene_end_to_end(rms_model, small_scan, tmp_path):
         rms_model, scan, texts, pairs=pairs, offsets=[-1, 0, 1], progress=False, batch_size=8
     )
     trials, out_pairs = result.trials, result.pairs
-    # the own-activation control reproduces the scan's unpatched s_1 and top-1
+    # the own-activation run reproduces the scan's unpatched s_1 and top-1
     assert out_pairs["base_matches_scan"].all()
     assert (trials["kind"] == "own").sum() == len(pairs)
     patch = trials[trials["kind"] == "patch"]
-    merged = patch.merge(out_pairs, on="pair_id")
-    assert (merged["layer"] == merged["s_src"] + merged["d"]).all()
-    expected = (merged["new_top1"] == merged["top1_id"]) & (merged["new_s1"] <= merged["layer"])
-    assert (merged["success"] == expected).all()
-    assert (merged["strict"] <= merged["success"]).all()
+    merged = trials.merge(out_pairs[["pair_id", "text_id", "top1_id", "s_src"]], on="pair_id")
+    patched = merged[merged["kind"] == "patch"]
+    assert (patched["layer"] == patched["s_src"] + patched["d"]).all()
+    # outcomes of every kind against a one-trial reference
+    runs = merged[merged["kind"] != "own"]
+    for row in runs.groupby("kind").head(8).itertuples():
+        ids = tokenize(rms_model, texts[row.text_id], max_len=32, truncate=True)
+        s1, top1 = reference_outcome(rms_model, ids, row.tgt_pos, row.layer, row.from_pos)
+        assert (row.new_s1, row.new_top1) == (s1, top1), row
+        assert row.success == (top1 == row.top1_id and s1 <= row.layer)
+        assert row.strict == (top1 == row.top1_id and s1 == row.layer)
     assert (trials["kind"] == "random").sum() == len(patch)
     table = result.by_offset()
     assert table["d"].tolist() == [-1, 0, 1]
     assert table["n"].sum() == len(patch)
     assert table["success"].sum() == patch["success"].sum()
+    matched = trials[trials["kind"] == "matched"]
+    assert table["matched_n"].sum() == len(matched)
+    assert table["matched_success"].sum() == matched["success"].sum()
     sign = result.by_sign().set_index("offsets")
     assert sign.loc["d < 0", "n"] == (patch["d"] < 0).sum()
     assert sign.loc["d >= 0", "n"] == (patch["d"] >= 0).sum()
-    # own control per d: the unpatched target already final at l (never, since l < s_tgt here)
-    gap_ok = (merged["s_tgt"] > merged["layer"]).all()
-    if gap_ok:
-        assert (table["own_success_rate"] == 0).all()
+    # the paired effect against each control, by hand
+    for control in ("matched", "random"):
+        both = patch.merge(trials[trials["kind"] == control], on=["pair_id", "d"])
+        if len(both) > 1:
+            diff = both["success_x"].astype(float) - both["success_y"].astype(float)
+            assert table[f"effect_vs_{control}"].notna().any()
+            per_d = both.assign(diff=diff).groupby("d")["diff"].mean()
+            got = table.set_index("d")[f"effect_vs_{control}"].dropna()
+            np.testing.assert_allclose(got.to_numpy(), per_d.loc[got.index].to_numpy())
     result.save(tmp_path)
     for name in ("pairs.csv", "trials.csv", "by_offset.csv", "by_sign.csv", "summary.json"):
         assert (tmp_path / name).is_file()
@@ -246,18 +282,41 @@ def test_intervene_end_to_end(rms_model, small_scan, tmp_path):
         assert full.trials[column].tolist() == trials[column].tolist()
 
 
-def test_random_donors_have_another_top1(rms_model, small_scan):
+def test_control_donors_follow_the_protocol(rms_model, small_scan):
     texts, scan = small_scan
-    pairs = find_pairs(scan, delta=2, max_pairs=6, seed=1)
-    result = intervene(rms_model, scan, texts, pairs=pairs, offsets=[0], progress=False)
-    frame = scan.saturation.set_index(["text_id", "pos"])
-    random = result.trials[result.trials["kind"] == "random"].merge(
-        result.pairs[["pair_id", "text_id", "src_pos", "top1_id"]], on="pair_id"
+    pairs = find_pairs(scan, delta=2, max_pairs=8, seed=1)
+    result = intervene(rms_model, scan, texts, pairs=pairs, offsets=[-1, 0, 1], progress=False)
+    frame = scan.saturation.reset_index().set_index(["text_id", "pos"])
+    trials = result.trials.merge(
+        result.pairs[["pair_id", "text_id", "src_pos", "src_row"]], on="pair_id"
     )
-    assert len(random) == len(pairs)
-    donor_top1 = frame.loc[
-        list(zip(random["text_id"], random["from_pos"], strict=True)), "top_1_id"
-    ]
-    assert (donor_top1.to_numpy() != random["top1_id"].to_numpy()).all()
+    random = trials[trials["kind"] == "random"]
+    assert len(random) == (trials["kind"] == "patch").sum()
     assert (random["from_pos"] != random["tgt_pos"]).all()
     assert (random["from_pos"] != random["src_pos"]).all()
+    matched = trials[trials["kind"] == "matched"]
+    assert len(matched) > 0
+    for row in matched.itertuples():
+        donor = frame.loc[(row.text_id, row.from_pos), "index"]
+        # the donor's lens top-1 at l is the source's, and it has not saturated by l
+        assert scan.top_ids[donor, row.layer, 0] == scan.top_ids[row.src_row, row.layer, 0]
+        assert scan.saturation["s_1"].iat[donor] > row.layer
+        assert row.from_pos < row.tgt_pos and row.from_pos != row.src_pos
+
+
+def test_a_probe_fitted_on_the_targets_is_refused(rms_model, small_scan):
+    from beyond_top1.probes import TaskProbe, task_dataset
+
+    texts, scan = small_scan
+    data = task_dataset(rms_model, scan, texts, k=2, balance=False, progress=False)
+    probe = TaskProbe().fit(data)
+    pairs = find_pairs(scan, delta=2, max_pairs=4, seed=1)
+    with pytest.raises(ValueError, match="in-sample"):
+        intervene(rms_model, scan, texts, pairs=pairs, offsets=[0], probe=probe, progress=False)
+    # fitted on the other texts only, it is accepted
+    others = np.flatnonzero(~np.isin(data.groups, pairs["text_id"].unique()))
+    held_out = TaskProbe().fit(data.subset(others))
+    result = intervene(
+        rms_model, scan, texts, pairs=pairs, offsets=[0], probe=held_out, progress=False
+    )
+    assert "probe_next_after" in result.trials.columns

@@ -61,9 +61,9 @@ def _reference_row(model, lens, layer: int, texts) -> dict:
     h, y, nxt = [], [], []
     for text in texts:
         ids, resid = prompt_residuals(model, text, layers=[layer, last])
-        h.append(resid[:, 0])
-        y.append(resid[:, 1])
-        nxt.extend(ids[1:] + [-1])
+        h.append(resid[1:, 0])  # position 0 (the attention sink) is not scored
+        y.append(resid[1:, 1])
+        nxt.extend(ids[2:] + [-1])
     h, y, nxt = torch.cat(h), torch.cat(y), torch.tensor(nxt)
     with torch.inference_mode():
         log_p = bt.LogitLens(model)(y, last).log_softmax(-1)
@@ -139,7 +139,9 @@ def test_evaluate_lenses_rejects_bad_requests(tiny_model):
 
 def _stacked(model, texts, layers) -> np.ndarray:
     """``[tokens, layer, d_model]`` residuals of all texts (float64)."""
-    return np.concatenate([prompt_residuals(model, t, layers)[1].double().numpy() for t in texts])
+    return np.concatenate(
+        [prompt_residuals(model, t, layers)[1][1:].double().numpy() for t in texts]  # no pos. 0
+    )
 
 
 def _design(x: np.ndarray, bias: bool) -> np.ndarray:

@@ -96,10 +96,12 @@ def test_ordering_comparison(stats):
     np.testing.assert_allclose(mean_ax.get_lines()[0].get_ydata(), kept.mean(0) / (L - 1))
     labels = [t.get_text() for t in tau_ax.get_xticklabels()]
     trained, untrained = stats["trained"], stats["untrained"]
-    assert trained.p_value == 0 and untrained.p_value > 0.05  # ordered vs. shuffled data
+    assert trained.p_value_kept == 0 and untrained.p_value_kept > 0.05  # ordered vs. shuffled
+    assert trained.p_value_all == 0
     assert labels == [
-        f"trained\nn={trained.n_kept}\np<0.005",  # 0 of 200 permutations reached it
-        f"untrained\nn={untrained.n_kept}\np={untrained.p_value:.3g}",
+        f"trained\nn={trained.n_kept}\np(a)<0.005\np(b)<0.005",  # 0 of 200 permutations
+        f"untrained\nn={untrained.n_kept}\np(a)={untrained.p_value_kept:.3g}"
+        f"\np(b)={untrained.p_value_all:.3g}",
     ]
 
 

@@ -142,6 +142,7 @@ def fake_scan(model, texts, *, k=3, seed=0, ordered=0.7) -> ScanResult:
         "n_texts": len(texts),
         "texts_sha256": texts_fingerprint(texts),
         "lens": "logit",
+        "score_first": False,
     }
     return ScanResult(
         frame,

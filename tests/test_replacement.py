@@ -58,11 +58,12 @@ def test_exact_attention_map_reproduces_model(fixture, request):
     so the replaced model reproduces the unmodified one at every layer."""
     model = request.getfixturevalue(fixture)
     texts = _single_token_texts(model, 80)
+    one_token = {"score_first": True, "progress": False}  # the only position is position 0
     maps = fit_submodule_maps(
-        model, texts[:64], kinds=("attn",), ridge=1e-10, batch_size=32, progress=False
+        model, texts[:64], kinds=("attn",), ridge=1e-10, batch_size=32, **one_token
     )
     frame = evaluate_replacements(
-        model, maps, texts[64:], variants=("fit", "zero"), batch_size=16, progress=False
+        model, maps, texts[64:], variants=("fit", "zero"), batch_size=16, **one_token
     )
     fit = frame[frame["variant"] == "fit"]
     assert (fit["n_tokens"] == 16).all()
@@ -127,8 +128,8 @@ def test_fit_matches_lstsq_reference(tiny_model):
         for kind in kinds:
             for layer in range(3):
                 source, target = hooked.submodule_hook_names(layer, kind)
-                xs[kind][layer].append(cache[source][0].double())
-                ys[kind][layer].append(cache[target][0].double())
+                xs[kind][layer].append(cache[source][0, 1:].double())  # position 0 left out
+                ys[kind][layer].append(cache[target][0, 1:].double())
     assert maps.n_tokens == sum(len(x) for x in xs["attn"][0])
     for kind in kinds:
         for layer in range(3):
@@ -166,10 +167,10 @@ def test_evaluation_matches_full_runs(tiny_ln_model):
                 with torch.no_grad():
                     p = model(tokens)[0].log_softmax(-1)
                     q = model.run_with_hooks(tokens, fwd_hooks=maps.hooks(1, kind, variant))
-                q = q[0].log_softmax(-1)
+                p, q = p[1:], q[0, 1:].log_softmax(-1)  # position 0 is not scored
                 agree += int((p.argmax(-1) == q.argmax(-1)).sum())
                 kls.append((p.exp() * (p - q)).sum(-1))
-                n += tokens.shape[1]
+                n += tokens.shape[1] - 1
             row = frame.loc[(kind, variant)]
             assert row["n_tokens"] == n
             assert row["precision_at_1"] == pytest.approx(agree / n)

@@ -16,6 +16,7 @@ from beyond_top1.saturation import (
     kendall_tau_strict,
     kept_rank_counts,
     ordering,
+    permutation_null,
     position_filter,
     rank_correspondence,
     saturation_layers,
@@ -43,10 +44,15 @@ def brute_tau(s: list[int], n_layers: int) -> float:
         kept.pop()
     if len(kept) < 3:
         return math.nan
+    return strict_tau(kept)
+
+
+def strict_tau(values) -> float:
+    """τ against the order 1..n, ties discordant, no drop rule."""
     score = 0
-    for i, j in combinations(range(len(kept)), 2):
-        score += 1 if kept[i] < kept[j] else -1  # ties are discordant
-    return score / math.comb(len(kept), 2)
+    for i, j in combinations(range(len(values)), 2):
+        score += 1 if values[i] < values[j] else -1  # ties are discordant
+    return score / math.comb(len(values), 2)
 
 
 @settings(max_examples=200, deadline=None)
@@ -114,22 +120,23 @@ def test_ordering_detects_order_and_is_seeded():
     g = torch.Generator().manual_seed(0)
     ordered = torch.sort(torch.randint(0, 20, (400, 5), generator=g), dim=-1).values
     stats = ordering(ordered, 30, n_permutations=200, seed=1)
-    assert stats.mean_tau > 0.8 and stats.null_mean < 0.1 and stats.p_value == 0.0
+    assert stats.mean_tau > 0.8 and stats.null_kept_mean < 0.1 and stats.p_value_kept == 0.0
+    assert stats.null_all_mean < 0.1 and stats.p_value_all == 0.0
     assert stats.n_kept == 400 and 0 < stats.frac_strictly_increasing < 1
     again = ordering(ordered, 30, n_permutations=200, seed=1)
     assert again.summary() == stats.summary()
     # random saturation layers: the observed mean sits inside its null
     shuffled = torch.randint(0, 30, (400, 5), generator=g)
     null_stats = ordering(shuffled, 30, n_permutations=200, seed=1)
-    assert abs(null_stats.mean_tau - null_stats.null_mean) < 4 * null_stats.null_std
-    assert 0.001 < null_stats.p_value < 0.999
+    assert abs(null_stats.mean_tau - null_stats.null_kept_mean) < 4 * null_stats.null_kept_std
+    assert 0.001 < null_stats.p_value_kept < 0.999
 
 
 def test_ordering_counts_and_filter():
     L = 10
     s = torch.tensor([[1, 2, 3], [9, 9, 9], [8, 9, 9], [2, 2, 5]])  # s_1 <= floor(8.5) = 8 keeps 3
     stats = ordering(s, L, n_permutations=50)
-    assert (stats.n_positions, stats.n_filtered, stats.n_kept) == (4, 3, 2)
+    assert (stats.n_positions, stats.n_passing_filter, stats.n_kept) == (4, 3, 2)
     np.testing.assert_allclose(stats.mean_tau, (1 + (-1 + 1 + 1) / 3) / 2)
     assert stats.frac_strictly_increasing == 0.5
     table = stats.distribution
@@ -149,3 +156,45 @@ def test_rank_correspondence_places():
     # places: row0 1,2,3; row1 3,2,1; row2 1.5,1.5,3
     np.testing.assert_allclose(table["mean_place"], [(1 + 3 + 1.5) / 3, (2 + 2 + 1.5) / 3, 7 / 3])
     np.testing.assert_allclose(table["frac_in_place"], [1 / 3, 2 / 3, 2 / 3])
+
+
+def enumerated_null(s: list[int], n_layers: int, convention: str) -> float:
+    """E[τ | kept] over every permutation of one position, by brute force (DESIGN.md §3)."""
+    from itertools import permutations
+
+    k_kept = int(kept_rank_counts(torch.tensor([s]), n_layers)[0])
+    if convention == "kept":  # permute the k' kept values, k' fixed
+        taus = [strict_tau(perm) for perm in permutations(s[:k_kept])]
+    else:  # permute all k, then the drop rule again
+        taus = [brute_tau(list(perm), n_layers) for perm in permutations(s)]
+    kept = [t for t in taus if not math.isnan(t)]
+    return sum(kept) / len(kept)
+
+
+@pytest.mark.parametrize("convention", ["kept", "all"])
+def test_both_permutation_nulls_match_enumeration(convention):
+    L = 30
+    s = [2, 5, 29, 7, 29]  # k' = 4: the trailing 29 is dropped, the inner one counts
+    expected = enumerated_null(s, L, convention)
+    null = permutation_null(
+        torch.tensor([s] * 400), L, convention=convention, n_permutations=200, seed=3
+    )
+    # every permutation mean averages 400 independent shuffles of this one position
+    assert null.shape == (200,)
+    assert abs(float(null.mean()) - expected) < 0.01
+    if convention == "kept":
+        assert expected == pytest.approx(0.0)  # distinct values: τ is symmetric
+    else:
+        assert expected < -0.1  # an inner 29 is discordant with the ranks after it
+
+
+def test_null_conventions_differ_and_are_seeded():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randint(0, 30, (300, 5), generator=g)
+    s[::3, 3:] = 29  # many trailing L-1 values, as in real scans
+    a = permutation_null(s, 30, convention="kept", n_permutations=50, seed=1)
+    b = permutation_null(s, 30, convention="all", n_permutations=50, seed=1)
+    assert torch.equal(a, permutation_null(s, 30, convention="kept", n_permutations=50, seed=1))
+    assert float(b.mean()) < float(a.mean()) - 0.05
+    with pytest.raises(ValueError, match="convention"):
+        permutation_null(s, 30, convention="both")

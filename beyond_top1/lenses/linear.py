@@ -19,7 +19,7 @@ from torch import Tensor
 
 from beyond_top1 import hooked
 from beyond_top1.activations import resolve_layers, stream_residuals
-from beyond_top1.data import DEFAULT_MAX_LEN
+from beyond_top1.data import DEFAULT_MAX_LEN, DEFAULT_SCORE_FIRST
 from beyond_top1.lenses.base import Lens
 from beyond_top1.lenses.io import register_lens_kind
 from beyond_top1.lenses.least_squares import DEFAULT_RIDGE, LeastSquaresAccumulator
@@ -48,12 +48,15 @@ def fit_linear_maps(
     batch_size: int = 8,
     max_len: int | None = None,
     progress: bool = True,
+    score_first: bool = DEFAULT_SCORE_FIRST,
 ) -> LinearMaps:
     """Fit maps from every layer in ``source_layers`` to ``target_layer`` in one pass over texts.
 
     Layers are ``0..L-1`` (``resid_post``) or ``-1`` (embedding); any pair is allowed. ``ridge``
     is relative to the mean diagonal of ``XᵀX`` (see :mod:`~beyond_top1.lenses.least_squares`).
     One forward pass per batch caches all the layers; memory is ``O(n_sources · d_model²)``.
+    ``score_first``: also fit on position 0 of a model without BOS (the attention sink, whose
+    residual norm can dwarf every other position's; see :mod:`beyond_top1.data`).
     """
     layers = resolve_layers(model, (*source_layers, target_layer))
     sources, target = layers[:-1], layers[-1]
@@ -63,7 +66,13 @@ def fit_linear_maps(
     )
     n_texts = 0
     batches = stream_residuals(
-        model, texts, layers=layers, batch_size=batch_size, max_len=max_len, progress=progress
+        model,
+        texts,
+        layers=layers,
+        batch_size=batch_size,
+        max_len=max_len,
+        progress=progress,
+        score_first=score_first,
     )
     for batch in batches:
         if len(batch):
@@ -143,6 +152,7 @@ class LinearShortcutLens(Lens):
         max_len: int | None = None,
         description: str | None = None,
         progress: bool = True,
+        score_first: bool = DEFAULT_SCORE_FIRST,
     ) -> LinearShortcutLens:
         """Fit every map by least squares on ``texts`` (one streamed pass) and return the lens.
 
@@ -152,6 +162,8 @@ class LinearShortcutLens(Lens):
                 penalised.
             max_len: tokens per text (default 128, or the model's context if shorter).
             description: how the texts were chosen, stored in the saved config.
+            score_first: also fit on position 0 of a model without BOS (see
+                :func:`fit_linear_maps`).
         """
         lens = cls(model, include_embedding=include_embedding, bias=bias)
         start = time.perf_counter()
@@ -165,6 +177,7 @@ class LinearShortcutLens(Lens):
             batch_size=batch_size,
             max_len=max_len,
             progress=progress,
+            score_first=score_first,
         )
         with torch.no_grad():
             lens.weight.copy_(maps.weight)
@@ -180,6 +193,7 @@ class LinearShortcutLens(Lens):
             "texts": description,
             "max_len": max_len or min(DEFAULT_MAX_LEN, hooked.n_ctx(model)),
             "batch_size": batch_size,
+            "score_first": bool(score_first),
             "seconds": round(time.perf_counter() - start, 2),
         }
         return lens.eval()

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from beyond_top1 import hooked
 from beyond_top1.activations import resolve_layers, stream_residuals
+from beyond_top1.data import DEFAULT_SCORE_FIRST
 from beyond_top1.lenses.base import Lens
 from beyond_top1.lenses.least_squares import DEFAULT_RIDGE, LeastSquaresAccumulator
 from beyond_top1.lenses.logit import LogitLens
@@ -189,6 +190,7 @@ def evaluate_lenses(
     batch_size: int = 8,
     max_len: int | None = None,
     progress: bool = True,
+    score_first: bool = DEFAULT_SCORE_FIRST,
 ) -> pd.DataFrame:
     """Score lenses layer by layer against the model's final distribution, in one pass.
 
@@ -215,7 +217,13 @@ def evaluate_lenses(
     target = Moments()
     totals = {(name, l): _LensTotals() for name, ls in plan.items() for l in ls}
     batches = stream_residuals(
-        model, texts, layers=streamed, batch_size=batch_size, max_len=max_len, progress=progress
+        model,
+        texts,
+        layers=streamed,
+        batch_size=batch_size,
+        max_len=max_len,
+        progress=progress,
+        score_first=score_first,
     )
     with torch.inference_mode():
         for batch in batches:
@@ -272,6 +280,7 @@ def quality_of_fit_matrix(
     batch_size: int = 8,
     max_len: int | None = None,
     progress: bool = True,
+    score_first: bool = DEFAULT_SCORE_FIRST,
 ) -> pd.DataFrame:
     """r² of linear maps ``l -> l'`` and of the identity, for every pair ``l < l'`` (004 Fig. 2).
 
@@ -290,6 +299,7 @@ def quality_of_fit_matrix(
     if len(layers) < 2:
         raise ValueError(f"need at least two layers, got {layers}")
     stream = {"batch_size": batch_size, "max_len": max_len, "progress": progress}
+    stream["score_first"] = score_first
     with torch.inference_mode():
         maps = _fit_pair_maps(model, train_texts, layers, bias=bias, ridge=ridge, **stream)
         errors = _validation_errors(model, val_texts, layers, maps, **stream)

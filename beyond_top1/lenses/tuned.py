@@ -123,6 +123,7 @@ class TunedLensTraining:
     clock: str = "wall"
     layers: list[int] | None = None  # translators to train (default all; the rest keep init)
     seed: int = 0
+    score_first: bool = False  # train on position 0 of a model without BOS (beyond_top1.data)
 
 
 class _Clock:
@@ -231,6 +232,7 @@ def _collect_heldout(model, lens, layers, texts, settings) -> list[tuple[Tensor,
         batch_size=settings.batch_size,
         max_len=settings.max_len,
         progress=False,
+        score_first=settings.score_first,
     ):
         with torch.no_grad():
             log_p = lens(batch.at(L - 1), L - 1).float().log_softmax(-1)
@@ -356,6 +358,7 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
         batch_size=settings.batch_size,
         max_len=settings.max_len,
         progress=False,
+        score_first=settings.score_first,
     )
     evaluate = functools.partial(
         _evaluate, lens, layers, index, weights, biases, heldout, best_kl, best_state, clock
@@ -432,6 +435,7 @@ def _initial_lens(model, texts, init, settings: TunedLensTraining, progress: boo
             batch_size=settings.batch_size,
             max_len=settings.max_len,
             progress=progress,
+            score_first=settings.score_first,
         )
         tuned = TunedLens.from_lens(model, linear)
     else:
