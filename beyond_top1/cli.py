@@ -16,25 +16,30 @@ from beyond_top1.cli_args import (
     read_lens_arg,
     texts_from_args,
 )
+from beyond_top1.data import resolve_max_len
+from beyond_top1.fileio import OutputError, OutputFolder, write_new_file
 
 
 def _cmd_lens(args: argparse.Namespace) -> int:
     from beyond_top1.readout import format_top_tokens, top_tokens
 
+    if args.csv and Path(args.csv).exists():  # before any work
+        raise OutputError(f"{args.csv} exists; remove it or choose another file name")
     model = load_model_from_args(args)
     lens = read_lens_arg(model, args.lens)
     frame = top_tokens(model, args.prompt, lens=lens, k=args.k, position=args.position)
     print(f"# {lens.kind} lens on {args.model}: top-{args.k} next tokens, position {args.position}")
     print(format_top_tokens(frame))
     if args.csv:
-        frame.to_csv(args.csv, index=False)
+        write_new_file(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
     return 0
 
 
 def _cmd_fit_lens(args: argparse.Namespace) -> int:
-    from beyond_top1.lenses import LinearShortcutLens
+    from beyond_top1.lenses import LinearShortcutLens, check_lens_destination
     from beyond_top1.lenses.tuned import train_tuned_lens
 
+    check_lens_destination(args.out)  # before the fit, not after it
     model = load_model_from_args(args)
     texts = texts_from_args(args)
     start = time.perf_counter()
@@ -54,27 +59,24 @@ def _cmd_fit_lens(args: argparse.Namespace) -> int:
         if args.time_limit is not None:
             overrides["time_limit_s"] = args.time_limit
             overrides["clock"] = args.clock
-        lens, history = train_tuned_lens(
+        lens, _ = train_tuned_lens(
             model,
             texts,
             init=args.init,
             batch_size=args.batch_size,
-            max_len=args.max_len,
+            max_len=resolve_max_len(model, args.max_len),
             **overrides,
         )
     seconds = time.perf_counter() - start
-    lens.save(args.out)
-    if args.kind == "tuned":
-        history.to_csv(Path(args.out) / "training_history.csv", index=False)
+    lens.save(args.out)  # with the tuned lens' training_history.csv
     print(f"fitted a {args.kind} lens on {len(texts)} texts in {seconds:.0f} s -> {args.out}")
     return 0
 
 
 def _cmd_eval_lens(args: argparse.Namespace) -> int:
-    from beyond_top1.figures import plot_lens_metrics, plot_quality_of_fit, save_figure
     from beyond_top1.lenses import LogitLens
-    from beyond_top1.lenses.metrics import evaluate_lenses, quality_of_fit_matrix
 
+    folder = OutputFolder(args.out, "eval-lens")  # checked before any work
     model = load_model_from_args(args)
     lenses = {} if args.no_logit else {"logit": LogitLens(model)}
     for directory in args.lens or []:
@@ -82,8 +84,14 @@ def _cmd_eval_lens(args: argparse.Namespace) -> int:
         name = lens.kind if lens.kind not in lenses else Path(directory).name
         lenses[name] = lens
     texts = texts_from_args(args)
-    out = Path(args.out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    with folder as out:
+        return _eval_lens(args, model, lenses, texts, out)
+
+
+def _eval_lens(args, model, lenses, texts, out: OutputFolder) -> int:
+    from beyond_top1.figures import plot_lens_metrics, plot_quality_of_fit, save_figure
+    from beyond_top1.lenses.metrics import evaluate_lenses, quality_of_fit_matrix
+
     frame = evaluate_lenses(
         model,
         lenses,
@@ -92,10 +100,10 @@ def _cmd_eval_lens(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         score_first=args.score_first_token,
     )
-    frame.to_csv(out / "lens_metrics.csv", index=False)
-    (out / "lens_metrics.json").write_text(frame.to_json(orient="records", indent=1))
+    out.write_csv("lens_metrics.csv", frame)
+    out.write_text("lens_metrics.json", frame.to_json(orient="records", indent=1))
     for metric, figure in plot_lens_metrics(frame).items():
-        save_figure(figure, out / "figures" / metric)
+        save_figure(figure, out.path / "figures" / metric)
     if args.quality_of_fit:
         from beyond_top1.data import wiki_texts
 
@@ -108,11 +116,27 @@ def _cmd_eval_lens(args: argparse.Namespace) -> int:
             max_len=args.max_len,
             score_first=args.score_first_token,
         )
-        matrix.to_csv(out / "quality_of_fit.csv", index=False)
-        save_figure(plot_quality_of_fit(matrix), out / "figures" / "quality_of_fit")
+        out.write_csv("quality_of_fit.csv", matrix)
+        save_figure(plot_quality_of_fit(matrix), out.path / "figures" / "quality_of_fit")
     summary = frame.pivot(index="layer", columns="lens", values=["kl", "precision_at_1"])
     print(summary.round(3).to_string())
-    print(f"wrote {out}/lens_metrics.csv, .json and figures/")
+    print(f"wrote {out.path}/lens_metrics.csv, .json and figures/")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from beyond_top1.models import OFFLINE_MODELS, known_model_names
+
+    print("offline (no network needed):")
+    for name in OFFLINE_MODELS:
+        print(f"  {name}")
+    if args.all:
+        hub = [name for name in known_model_names() if name not in OFFLINE_MODELS]
+        print(f"TransformerLens names and aliases (need the Hugging Face hub), {len(hub)}:")
+        for name in hub:
+            print(f"  {name}")
+    else:
+        print("add --all for the models TransformerLens loads from the Hugging Face hub")
     return 0
 
 
@@ -122,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lenses, top-k saturation events, task probes and early exit.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="list the model names --model accepts")
+    models.add_argument("--all", action="store_true", help="also the hub models (long)")
+    models.set_defaults(run=_cmd_models)
 
     lens = commands.add_parser("lens", help="read a prompt layer by layer through a lens")
     lens.add_argument("prompt", help="the text to read")
@@ -179,10 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Mistakes and faults end with one line on stderr, never a traceback:
+    exit 2 for an error, 130 for Ctrl-C (with what was kept and how to continue)."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.run(args)
-    except (ValueError, IndexError, RuntimeError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
+        hint = getattr(args, "on_interrupt", None)
+        print(f"beyond-top1 {args.command}: interrupted. {hint or ''}".rstrip(), file=sys.stderr)
+        return 130
+    except OSError as exc:  # FileNotFoundError, PermissionError, a full disk, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"beyond-top1 {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, IndexError, RuntimeError) as exc:
         print(f"beyond-top1 {args.command}: error: {exc}", file=sys.stderr)
         return 2

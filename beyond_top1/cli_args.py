@@ -42,7 +42,12 @@ def add_text_args(parser: argparse.ArgumentParser, *, n_texts: int, split: str) 
     parser.add_argument(
         "--split", default=split, choices=["train", "val", "all"], help="(default: %(default)s)"
     )
-    parser.add_argument("--max-len", type=int, default=128, help="tokens per text (truncated)")
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="tokens per text, truncated (default: 128, or the model's context if shorter)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
 
 

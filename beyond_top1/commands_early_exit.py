@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import time
-from pathlib import Path
 
 from beyond_top1.cli_args import (
     add_model_args,
@@ -21,6 +19,7 @@ from beyond_top1.cli_args import (
     load_model_from_args,
     texts_from_args,
 )
+from beyond_top1.fileio import OutputFolder
 
 
 def _lenses(model, args: argparse.Namespace) -> dict:
@@ -56,6 +55,16 @@ def read_probe(path: str | None, model):
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    folder = OutputFolder(args.out, "early-exit")  # checked before any work
+    model = load_model_from_args(args)
+    lenses = _lenses(model, args)
+    probe = read_probe(args.probe, model)
+    texts = texts_from_args(args)
+    with folder as out:
+        return _simulate(args, model, lenses, probe, texts, out)
+
+
+def _simulate(args, model, lenses, probe, texts, out: OutputFolder) -> int:
     from beyond_top1.early_exit import (
         better_language_modeling,
         collect_exit_signals,
@@ -64,11 +73,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     )
     from beyond_top1.figures import plot_early_exit_curves, save_figure
 
-    model = load_model_from_args(args)
-    lenses = _lenses(model, args)
-    probe = read_probe(args.probe, model)
-    texts = texts_from_args(args)
-    out = Path(args.out)
     start = time.perf_counter()
     signals = collect_exit_signals(
         model,
@@ -80,19 +84,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     seconds = time.perf_counter() - start
-    signals.save(out / "signals")
+    signals.save(out.path / "signals")
     curves = early_exit_curves(signals)
     table = layers_saved_table(curves)
     better = better_language_modeling(signals, m=args.m)
-    out.mkdir(parents=True, exist_ok=True)
-    curves.to_csv(out / "curves.csv", index=False)
-    table.to_csv(out / "layers_saved.csv", index=False)
-    (out / "better_lm.json").write_text(json.dumps(better.to_dict(), indent=1))
-    save_figure(plot_early_exit_curves(curves), out / "figures" / "early_exit")
+    out.write_csv("curves.csv", curves)
+    out.write_csv("layers_saved.csv", table)
+    out.write_json("better_lm.json", better.to_dict())
+    save_figure(plot_early_exit_curves(curves), out.path / "figures" / "early_exit")
     print(f"# {len(signals)} positions from {len(texts)} texts in {seconds:.0f} s (simulation)")
     print(table.round(3).to_string(index=False))
     print(better.summary())
-    print(f"wrote {out}/curves.csv, layers_saved.csv, better_lm.json, figures/early_exit.*")
+    print(f"wrote {out.path}/curves.csv, layers_saved.csv, better_lm.json, figures/early_exit.*")
     return 0
 
 
@@ -133,6 +136,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from beyond_top1.generation import benchmark_early_exit
 
+    folder = OutputFolder(args.out, "early-exit-generate")  # checked before any work
     model = load_model_from_args(args)
     lenses = _lenses(model, args)
     if args.lens not in lenses:
@@ -146,17 +150,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        bench = benchmark_early_exit(
-            model, prompts, criterion, lens=lenses[args.lens], max_new_tokens=args.new_tokens
-        )
+        with folder as out:
+            bench = benchmark_early_exit(
+                model, prompts, criterion, lens=lenses[args.lens], max_new_tokens=args.new_tokens
+            )
+            out.write_csv("generation_per_prompt.csv", bench.per_prompt)
+            out.write_csv("generation.csv", bench.summary())
     finally:
         torch.set_num_threads(threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    bench.per_prompt.to_csv(out / "generation_per_prompt.csv", index=False)
-    bench.summary().to_csv(out / "generation.csv", index=False)
     print(bench)
-    print(f"wrote {out}/generation.csv, generation_per_prompt.csv")
+    print(f"wrote {out.path}/generation.csv, generation_per_prompt.csv")
     return 0
 
 

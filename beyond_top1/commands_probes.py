@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from beyond_top1.cli_args import (
@@ -15,6 +14,8 @@ from beyond_top1.cli_args import (
     texts_from_args,
     texts_source,
 )
+from beyond_top1.data import resolve_max_len
+from beyond_top1.fileio import OutputFolder
 
 
 def _add_scan_args(parser: argparse.ArgumentParser, *, k: int) -> None:
@@ -76,7 +77,7 @@ def _reused_scan(folder: Path, args: argparse.Namespace, lens, texts):
         "lens": args.lens or lens.kind,
         "k": args.scan_k,
         "precision": args.precision,
-        "max_len": args.max_len,
+        "max_len": resolve_max_len(lens.model, args.max_len),
         "texts_sha256": texts_fingerprint(texts),
     }
     differ = [key for key, value in wanted.items() if made.get(key) != value]
@@ -89,13 +90,17 @@ def _reused_scan(folder: Path, args: argparse.Namespace, lens, texts):
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
+    folder = OutputFolder(args.out, "probe")  # checked before any work
+    model = load_model_from_args(args)
+    texts = texts_from_args(args)
+    with folder:
+        return _probe(args, model, texts, folder)
+
+
+def _probe(args: argparse.Namespace, model, texts, out: OutputFolder) -> int:
     from beyond_top1.figures import plot_probe_per_layer, save_figure
     from beyond_top1.probes import TaskProbe, cross_validate_task_probe, task_dataset
 
-    model = load_model_from_args(args)
-    texts = texts_from_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     scan_result, _ = _scan_and_lens(args, model, texts)
     data = task_dataset(
         model,
@@ -111,15 +116,16 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         data, n_splits=args.folds, seed=args.seed, C=args.C, shuffled=not args.no_shuffled
     )
     probe = TaskProbe(C=args.C).fit(data)
-    probe.save(out / "probe.safetensors")
-    cv.folds.to_csv(out / "cv_folds.csv", index=False)
-    cv.per_class.to_csv(out / "cv_per_class.csv", index=False)
-    cv.per_layer.to_csv(out / "cv_per_layer.csv", index=False)
-    data.counts().to_csv(out / "rows_per_layer.csv")
+    probe.save(out.claim("probe.safetensors"))
+    out.write_csv("cv_folds.csv", cv.folds)
+    out.write_csv("cv_per_class.csv", cv.per_class)
+    out.write_csv("cv_per_layer.csv", cv.per_layer)
+    out.write_csv("rows_per_layer.csv", data.counts(), index=True)
     summary = {"dataset": data.summary(), "cv": cv.summary()}
-    (out / "cv.json").write_text(json.dumps(summary, indent=1) + "\n")
+    out.write_json("cv.json", summary)
     save_figure(
-        plot_probe_per_layer(cv.per_layer, chance=1 / data.k), out / "figures" / "probe_per_layer"
+        plot_probe_per_layer(cv.per_layer, chance=1 / data.k),
+        out.path / "figures" / "probe_per_layer",
     )
     s = summary["cv"]
     line = (
@@ -132,21 +138,26 @@ def _cmd_probe(args: argparse.Namespace) -> int:
             f"{s['shuffled_balanced_accuracy_se']:.3f}"
         )
     print(line + f"; {s['n_rows']} rows from {s['n_texts']} texts, chance {1 / data.k:.3f}")
-    print(f"wrote {out}/probe.safetensors, cv_*.csv, cv.json and figures/")
+    print(f"wrote {out.path}/probe.safetensors, cv_*.csv, cv.json and figures/")
     return 0
 
 
 def _cmd_intervene(args: argparse.Namespace) -> int:
-    from beyond_top1.figures import plot_intervention_success, save_figure
-    from beyond_top1.interventions import SUMMARY_COLUMNS, intervene
     from beyond_top1.probes import load_probe
 
+    folder = OutputFolder(args.out, "interventions")  # checked before any work
     model = load_model_from_args(args)
     texts = texts_from_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     probe = load_probe(args.probe, model) if args.probe else None
-    scan_result, lens = _scan_and_lens(args, model, texts)
+    with folder:
+        scan_result, lens = _scan_and_lens(args, model, texts)
+        return _intervene(args, model, texts, probe, scan_result, lens, folder)
+
+
+def _intervene(args, model, texts, probe, scan_result, lens, out: OutputFolder) -> int:
+    from beyond_top1.figures import plot_intervention_success, save_figure
+    from beyond_top1.interventions import SUMMARY_COLUMNS, intervene
+
     result = intervene(
         model,
         scan_result,
@@ -166,13 +177,14 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
     result.save(out)
     by_offset = result.by_offset()
     if len(by_offset):
-        save_figure(plot_intervention_success(by_offset), out / "figures" / "intervention_success")
+        figure = plot_intervention_success(by_offset)
+        save_figure(figure, out.path / "figures" / "intervention_success")
     present = [c for c in SUMMARY_COLUMNS if c in by_offset.columns]
     print(f"# {len(result.pairs)} {args.direction} pairs (Δ = {result.settings['delta']})")
     if len(by_offset):
         print(by_offset[["d", *present]].round(3).to_string(index=False))
         print(result.by_sign()[["offsets", *present]].round(3).to_string(index=False))
-    print(f"wrote {out}/trials.csv, by_offset.csv, by_sign.csv, summary.json and figures/")
+    print(f"wrote {out.path}/trials.csv, by_offset.csv, by_sign.csv, summary.json and figures/")
     return 0
 
 

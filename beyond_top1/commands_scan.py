@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 from beyond_top1.cli_args import (
@@ -15,6 +17,7 @@ from beyond_top1.cli_args import (
     texts_from_args,
     texts_source,
 )
+from beyond_top1.fileio import check_output_dir, write_new_file
 from beyond_top1.saturation import ORDERING_LABELS
 
 
@@ -52,8 +55,18 @@ def add_parser(commands) -> None:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from beyond_top1.scans import scan
+    from beyond_top1.scans import SETTINGS_FILE, ScanFileError, scan
 
+    out = check_output_dir(args.out)  # before loading anything
+    if (out / SETTINGS_FILE).is_file() and not args.resume:
+        raise ScanFileError(
+            f"{out} already holds a scan; add --resume to continue or reuse it, or choose a "
+            "new --out"
+        )
+    finished = (out / "summary.json").is_file()
+    command = " ".join(shlex.quote(a) for a in ["beyond-top1", *sys.argv[1:]])
+    resume = command if args.resume else f"{command} --resume"
+    args.on_interrupt = f"Finished shards are kept in {out / 'shards'}; continue with: {resume}"
     model = load_model_from_args(args)
     lens = read_lens_arg(model, args.lens)
     texts = texts_from_args(args)
@@ -73,10 +86,13 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         n_permutations=args.permutations,
         score_first=args.score_first_token,
     )
-    summary = json.loads((Path(args.out) / "summary.json").read_text())
-    timing = json.loads((Path(args.out) / "timing.json").read_text())
-    print(f"scanned {len(result)} positions of {len(texts)} texts -> {args.out}")
-    print(f"  {timing['tokens_per_second']} tokens/s this run ({timing['seconds']} s)")
+    summary = json.loads((out / "summary.json").read_text())
+    if finished:
+        print(f"{out} holds this scan, complete: {len(result)} positions of {len(texts)} texts")
+    else:
+        timing = json.loads((out / "timing.json").read_text())
+        print(f"scanned {len(result)} positions of {len(texts)} texts -> {out}")
+        print(f"  {timing['tokens_per_second']} tokens/s this run ({timing['seconds']} s)")
     if "ordering" in summary:
         print(_format_table({args.out: summary["ordering"]}))
     return 0
@@ -113,5 +129,5 @@ def _cmd_order(args: argparse.Namespace) -> int:
     print(_format_table(columns))
     if args.csv:
         frame = pd.DataFrame({name: stats for name, stats in columns.items()})
-        frame.to_csv(args.csv)
+        write_new_file(args.csv, lambda tmp: frame.to_csv(tmp))
     return 0

@@ -85,7 +85,16 @@ def load_texts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No such texts file: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted and dropped
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from None
+    lines = content.splitlines()
     if path.suffix == ".txt":
         texts = [line for line in lines if line.strip()]
     elif path.suffix == ".jsonl":
@@ -108,6 +117,53 @@ def load_texts(path: str | Path) -> list[str]:
     if not texts:
         raise ValueError(f"{path} holds no texts")
     return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking arguments (before anything runs or is written)
+# ---------------------------------------------------------------------------------------------
+
+
+def refuse_single_string(texts, what: str = "texts") -> None:
+    """A ``str`` where a collection of texts is expected would be read character by character:
+    refuse it."""
+    if isinstance(texts, str | bytes):
+        raise TypeError(
+            f"{what} must be a list of strings, not one string; wrap a single text as [text]"
+        )
+
+
+def text_list(texts: Iterable[str], what: str = "texts") -> list[str]:
+    """``texts`` as a list, every entry checked to be a non-empty string."""
+    refuse_single_string(texts, what)
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"no {what} given")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {index} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise ValueError(f"text {index} is empty: give at least one non-whitespace character")
+    return texts
+
+
+def resolve_max_len(model, max_len: int | None) -> int:
+    """Tokens per text: ``max_len``, checked to lie in ``[1, n_ctx]``; ``None`` means 128 or
+    the model's context if shorter."""
+    n_ctx = hooked.n_ctx(model)
+    if max_len is None:
+        return min(DEFAULT_MAX_LEN, n_ctx)
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= n_ctx:
+        raise ValueError(
+            f"max_len must be an integer in [1, {n_ctx}] (the model's context), got {max_len!r}"
+        )
+    return max_len
+
+
+def check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,10 +260,9 @@ def iter_token_batches(
     numbered from ``start_text_id`` in input order. Empty texts raise ``ValueError``.
     ``score_first``: score position 0 of a model without BOS (see the module docstring).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_len is None:
-        max_len = min(DEFAULT_MAX_LEN, hooked.n_ctx(model))
+    refuse_single_string(texts)
+    check_batch_size(batch_size)
+    max_len = resolve_max_len(model, max_len)
     tok = hooked.tokenizer(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     bos = hooked.prepends_bos(model) and tok.bos_token_id is not None

@@ -41,6 +41,7 @@ public code let methods write into one shared prediction array).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -55,7 +56,8 @@ from jaxtyping import Float, Int
 from beyond_top1 import hooked
 from beyond_top1.activations import stream_residuals
 from beyond_top1.data import DEFAULT_SCORE_FIRST
-from beyond_top1.lenses import Lens, LogitLens
+from beyond_top1.fileio import output_folder
+from beyond_top1.lenses import Lens, resolve_lens
 from beyond_top1.ranking import PRECISIONS, lens_topk
 from beyond_top1.saturation import saturation_layers
 
@@ -139,9 +141,8 @@ class ExitSignals:
         )
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``signals.npz`` and ``signals.json`` to ``directory``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write ``signals.npz`` and ``signals.json`` to ``directory`` (atomically; files of the
+        same name that this toolkit did not write are refused)."""
         arrays = {
             "text_id": self.text_id,
             "pos": self.pos,
@@ -157,10 +158,16 @@ class ExitSignals:
             arrays["probe_task"] = self.probe_task
         if self.probe_settled is not None:
             arrays["probe_settled"] = self.probe_settled
-        np.savez_compressed(out / "signals.npz", **arrays)
         meta = {"n_layers": self.n_layers, "lenses": list(self.lenses), "settings": self.settings}
-        (out / "signals.json").write_text(json.dumps(meta, indent=1, default=str))
-        return out
+        with output_folder(directory, "exit-signals") as folder:
+            folder.write("signals.npz", functools.partial(_write_npz, arrays=arrays))
+            folder.write_json("signals.json", meta)
+        return folder.path
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as handle:  # a file object: numpy would append ".npz" to a name
+        np.savez_compressed(handle, **arrays)
 
 
 def load_exit_signals(directory: str | Path) -> ExitSignals:
@@ -256,10 +263,10 @@ def collect_exit_signals(
     Returns:
         :class:`ExitSignals` over positions that have a gold next token.
     """
-    lenses = dict(lenses) if lenses else {"logit": LogitLens(model)}
-    for name, lens in lenses.items():
-        if lens.model is not model:
-            raise ValueError(f"lens {name!r} was built for another model object")
+    lenses = {
+        name: resolve_lens(model, lens, name=f"lens {name!r}")
+        for name, lens in (dict(lenses) if lenses else {"logit": None}).items()
+    }
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     L = hooked.n_layers(model)

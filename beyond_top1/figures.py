@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from beyond_top1.fileio import write_signed_file
 from beyond_top1.lenses.metrics import LENS_METRICS
 
 METRIC_LABELS = {
@@ -76,13 +77,20 @@ def plot_quality_of_fit(matrix_frame: pd.DataFrame) -> Figure:
     return fig
 
 
+FIGURE_SIGNATURE = "beyond-top1"  # in each file's metadata: replaced only if this tool wrote it
+
+
 def save_figure(fig: Figure, path_without_suffix: str | Path) -> tuple[Path, Path]:
-    """Write ``fig`` as ``<path>.png`` and ``<path>.svg`` (parents created); return both paths."""
+    """Write ``fig`` as ``<path>.png`` and ``<path>.svg`` atomically (parents created); return
+    both paths. An existing file is replaced only if this toolkit wrote it."""
     base = Path(path_without_suffix)
-    base.parent.mkdir(parents=True, exist_ok=True)
     paths = (base.with_name(base.name + ".png"), base.with_name(base.name + ".svg"))
-    for path in paths:
-        fig.savefig(path, dpi=150)
+    for path, fmt, key in ((paths[0], "png", "Software"), (paths[1], "svg", "Creator")):
+
+        def write(tmp: Path, fmt=fmt, key=key) -> None:
+            fig.savefig(tmp, format=fmt, dpi=150, metadata={key: FIGURE_SIGNATURE})
+
+        write_signed_file(path, write, FIGURE_SIGNATURE.encode())
     return paths
 
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from beyond_top1 import hooked
 from beyond_top1.data import tokenize
 from beyond_top1.early_exit import TAU_004, probe_predict, probe_settled_probability
-from beyond_top1.lenses import Lens, LogitLens
+from beyond_top1.lenses import Lens, resolve_lens
 
 # ---------------------------------------------------------------------------------------------
 # What a criterion sees
@@ -219,9 +219,7 @@ def generate_early_exit(
         (tokenization excluded).
     """
     hooked.check_stepwise_decoding(model)
-    lens = lens if lens is not None else LogitLens(model)
-    if lens.model is not model:
-        raise ValueError("the lens was built for another model object")
+    lens = resolve_lens(model, lens)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     L = hooked.n_layers(model)
@@ -378,7 +376,7 @@ def benchmark_early_exit(
     the full model would also produce after the early-exit prefix (Precision@1 in real
     decoding).
     """
-    default_lens = lens if lens is not None else LogitLens(model)
+    default_lens = resolve_lens(model, lens)
     if not isinstance(criteria, Mapping):
         criteria = {"early_exit": criteria}
     runs = {

@@ -28,7 +28,6 @@ Patched runs are batched: one patch per batch row, many pairs and offsets per fo
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -43,8 +42,8 @@ from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
 from beyond_top1.data import tokenize
-from beyond_top1.jsonutil import to_jsonable
-from beyond_top1.lenses import LogitLens
+from beyond_top1.fileio import OutputFolder, output_folder
+from beyond_top1.lenses import resolve_lens
 from beyond_top1.probes import text_hash
 from beyond_top1.ranking import lens_topk
 from beyond_top1.saturation import DEFAULT_FILTER_FRACTION, position_filter, saturation_layers
@@ -395,18 +394,16 @@ class InterventionResult:
         out["by_sign"] = self.by_sign().to_dict(orient="records")
         return out
 
-    def save(self, directory: str | Path) -> Path:
-        """``pairs.csv``, ``trials.csv``, ``by_offset.csv``, ``by_sign.csv``, ``summary.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.pairs.to_csv(directory / "pairs.csv", index=False)
-        self.trials.to_csv(directory / "trials.csv", index=False)
-        self.by_offset().to_csv(directory / "by_offset.csv", index=False)
-        self.by_sign().to_csv(directory / "by_sign.csv", index=False)
-        (directory / "summary.json").write_text(
-            json.dumps(to_jsonable(self.summary()), indent=1) + "\n"
-        )
-        return directory
+    def save(self, directory: str | Path | OutputFolder) -> Path:
+        """``pairs.csv``, ``trials.csv``, ``by_offset.csv``, ``by_sign.csv``, ``summary.json``
+        (atomically; files of the same name that this toolkit did not write are refused)."""
+        with output_folder(directory, "interventions") as folder:
+            folder.write_csv("pairs.csv", self.pairs)
+            folder.write_csv("trials.csv", self.trials)
+            folder.write_csv("by_offset.csv", self.by_offset())
+            folder.write_csv("by_sign.csv", self.by_sign())
+            folder.write_json("summary.json", self.summary())
+        return folder.path
 
     def __repr__(self) -> str:
         return (
@@ -632,9 +629,7 @@ def intervene(
     if engine not in ("cached", "full"):
         raise ValueError(f"engine must be 'cached' or 'full', got {engine!r}")
     L = hooked.n_layers(model)
-    lens = lens if lens is not None else LogitLens(model)
-    if lens.model is not model:
-        raise ValueError("the lens was built for another model object; pass the model it wraps")
+    lens = resolve_lens(model, lens)
     delta = default_delta(L) if delta is None else delta
     if offsets is None:
         a = default_offset_range(L) if a is None else int(a)

@@ -127,6 +127,11 @@ def load_model(
         raise TypeError(
             f"load_model expects a model name or a HookedTransformer, got {type(name_or_model)}"
         )
+    device = check_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating torch dtype (e.g. torch.float32), got {dtype!r}"
+        )
     name = name_or_model.strip()
     if name == "smollm2-135m":
         model = _load_smollm2(device=device, dtype=dtype, n_ctx=n_ctx or _DEFAULT_N_CTX)
@@ -145,18 +150,65 @@ def load_model(
     return model.eval()
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has, or a ``ValueError`` saying why not."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "torch was built without CUDA"
+                if torch.version.cuda is None
+                else "no GPU is visible"
+            )
+            raise ValueError(f"device {device!r}: CUDA is not available here ({why}); use 'cpu'")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here; use 'cpu'")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: only cpu, cuda and mps are supported")
+    return parsed
+
+
+def known_model_names() -> list[str]:
+    """Every name :func:`load_model` knows: the offline ones, then TransformerLens' official
+    names and aliases (those need the Hugging Face hub)."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    names = list(OFFLINE_MODELS) + list(loading.OFFICIAL_MODEL_NAMES)
+    names += [alias for aliases in loading.MODEL_ALIASES.values() for alias in aliases]
+    return list(dict.fromkeys(names))
+
+
 def _load_from_hub(name: str, *, device, dtype):
+    import difflib
+
     from transformer_lens import HookedTransformer
 
+    known = known_model_names()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise UnknownModelError(
+            f"Unknown model {name!r}. Offline choices: {', '.join(OFFLINE_MODELS)}.{hint} "
+            "List every name with `beyond-top1 models --all`."
+        )
     try:
         with _quiet():
             return HookedTransformer.from_pretrained(name, device=device, dtype=dtype)
-    except Exception as exc:  # noqa: BLE001 - any hub/network/name failure gets the same advice
+    except Exception as exc:  # noqa: BLE001 - any hub/network failure gets the same advice
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise UnknownModelError(
             f"Could not load model {name!r} with HookedTransformer.from_pretrained "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            f"Without access to the Hugging Face hub, use one of the offline models: "
-            f"{', '.join(OFFLINE_MODELS)}."
+            f"({type(exc).__name__}: {first}). It needs the Hugging Face hub; without it, use "
+            f"one of the offline models: {', '.join(OFFLINE_MODELS)}."
         ) from exc
 
 
@@ -192,16 +244,19 @@ def smollm2_cache_path() -> Path:
 
 
 def _load_smollm2(*, device, dtype, n_ctx: int):
+    """The converted model, from the cache. Only a cache that cannot be read is rebuilt; errors
+    of the caller's making (device, dtype, n_ctx) surface as they are and leave it alone."""
     folder = smollm2_cache_path()
     if not _cache_is_complete(folder):
         _build_smollm2_cache(folder)
     try:
-        return _model_from_cache(folder, device=device, dtype=dtype, n_ctx=n_ctx)
+        cached = _read_cache(folder)
     except Exception as exc:  # noqa: BLE001 - corrupt cache: rebuild once, then let errors surface
         warnings.warn(f"Rebuilding the model cache at {folder} ({exc})", stacklevel=2)
         shutil.rmtree(folder, ignore_errors=True)
         _build_smollm2_cache(folder)
-        return _model_from_cache(folder, device=device, dtype=dtype, n_ctx=n_ctx)
+        cached = _read_cache(folder)
+    return _model_from_cache(*cached, device=device, dtype=dtype, n_ctx=n_ctx)
 
 
 def _cache_is_complete(folder: Path) -> bool:
@@ -297,7 +352,8 @@ def _convert_llama(hf_model, tokenizer):
     return model
 
 
-def _model_from_cache(folder: Path, *, device, dtype, n_ctx: int):
+def _read_cache(folder: Path) -> tuple[dict, Any, dict]:
+    """The cached config, tokenizer and CPU weights; any error means the cache is invalid."""
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import AutoTokenizer
@@ -305,19 +361,28 @@ def _model_from_cache(folder: Path, *, device, dtype, n_ctx: int):
     cfg_dict = json.loads((folder / "config.json").read_text())
     for derived in ("n_params", "d_vocab_out", "tokenizer_prepends_bos"):
         cfg_dict.pop(derived, None)
-    cfg_dict.update(n_ctx=n_ctx, device=str(device), dtype=dtype, init_weights=False)
-    cfg = HookedTransformerConfig(**cfg_dict)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     params = load_file(folder / "weights.safetensors")
+    meta = HookedTransformerConfig(**{**cfg_dict, "device": "meta", "init_weights": False})
+    with _quiet(), torch.device("meta"):
+        skeleton = HookedTransformer(meta, move_to_device=False)
+    expected = {name for name, _ in skeleton.named_parameters()}
+    if set(params) != expected:
+        raise RuntimeError(
+            f"cached weights do not fit the model (missing {sorted(expected - set(params))[:3]}, "
+            f"unexpected {sorted(set(params) - expected)[:3]})"
+        )
+    return cfg_dict, tokenizer, params
+
+
+def _model_from_cache(cfg_dict: dict, tokenizer, params: dict, *, device, dtype, n_ctx: int):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg_dict = dict(cfg_dict, n_ctx=n_ctx, device=str(device), dtype=dtype, init_weights=False)
+    cfg = HookedTransformerConfig(**cfg_dict)
     with _quiet():
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
-    missing, unexpected = model.load_state_dict(params, strict=False)
-    parameter_names = {name for name, _ in model.named_parameters()}
-    if unexpected or parameter_names & set(missing):
-        raise RuntimeError(
-            f"cached weights do not fit the model (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})"
-        )
+    model.load_state_dict(params, strict=False)
     return model
 
 

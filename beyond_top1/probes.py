@@ -30,7 +30,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 
 from beyond_top1 import hooked
-from beyond_top1.jsonutil import to_jsonable
+from beyond_top1.fileio import to_jsonable, write_signed_file
 from beyond_top1.saturation import DEFAULT_FILTER_FRACTION, position_filter
 
 EXCLUDED = 0
@@ -603,7 +603,6 @@ def save_probe(probe: TaskProbe, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {name: np.ascontiguousarray(getattr(probe, name)) for name in _ARRAYS}
     header = {
         "format": PROBE_FORMAT,
@@ -612,10 +611,9 @@ def save_probe(probe: TaskProbe, path: str | Path) -> Path:
         "metadata": json.dumps(meta),
         "arrays_sha256": _arrays_sha256(arrays),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(arrays, str(tmp), metadata=header)
-    tmp.replace(path)
-    return path
+    return write_signed_file(
+        path, lambda tmp: save_file(arrays, str(tmp), metadata=header), PROBE_FORMAT.encode()
+    )
 
 
 def load_probe(path: str | Path, model=None) -> TaskProbe:

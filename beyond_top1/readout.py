@@ -11,7 +11,7 @@ from torch import Tensor
 from beyond_top1 import hooked
 from beyond_top1.activations import resolve_layers
 from beyond_top1.data import tokenize
-from beyond_top1.lenses import Lens, LogitLens
+from beyond_top1.lenses import Lens, resolve_lens
 from beyond_top1.ranking import lens_topk
 
 
@@ -40,7 +40,7 @@ def top_tokens(
     (ranks are 1-based; ``layer = -1`` is the embedding when ``include_embedding``). The ids and
     their order follow the exact read-out rule (:mod:`beyond_top1.ranking`).
     """
-    lens = lens if lens is not None else LogitLens(model)
+    lens = resolve_lens(model, lens)
     vocab = hooked.d_vocab(model)
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")

@@ -239,7 +239,7 @@ class Report:
 
     def save(self, path: str | Path) -> Path:
         """Write the page atomically; return its path."""
-        from beyond_top1.stages import atomic_write_text
+        from beyond_top1.fileio import atomic_write_text
 
         return atomic_write_text(path, self.html())
 

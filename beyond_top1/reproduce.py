@@ -39,16 +39,16 @@ import numpy as np
 import pandas as pd
 
 from beyond_top1 import hooked
-from beyond_top1.interventions import SUMMARY_COLUMNS
-from beyond_top1.saturation import ORDERING_LABELS
-from beyond_top1.stages import (
-    StageRecord,
-    Stages,
-    StageUnavailable,
+from beyond_top1.fileio import (
+    OutputFolder,
     atomic_write_json,
     atomic_write_text,
-    jsonable,
+    check_output_dir,
+    to_jsonable,
 )
+from beyond_top1.interventions import SUMMARY_COLUMNS
+from beyond_top1.saturation import ORDERING_LABELS
+from beyond_top1.stages import StageRecord, Stages, StageUnavailable
 
 HELDOUT_PROBE_FILE = "probe_heldout.safetensors"  # fitted on the first half of the texts
 
@@ -89,6 +89,25 @@ class Scale:
     refinement_items: int = 0  # 0: skip; else items per N in (5, 10, 20), 5 positions each
     replacement_fit_texts: int = 0  # 0: skip
     replacement_eval_texts: int = 6
+
+    def __post_init__(self) -> None:
+        """Refuse a setting that could only fail later, after earlier stages have run."""
+        from beyond_top1.ranking import PRECISIONS
+
+        may_be_zero = {"refinement_items", "replacement_fit_texts", "intervention_a"}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "intervention_a" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                continue
+            low = 0 if f.name in may_be_zero else 1
+            if value < low:
+                raise ValueError(f"scale setting {f.name} must be >= {low}, got {value}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2 (position 0 is not scored), got {self.max_len}")
 
     def describe(self) -> dict:
         return asdict(self)
@@ -346,8 +365,7 @@ def reproduce(
     """
     start = time.perf_counter()
     scale = resolve_scale(scale, overrides)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out)
     say = log or (lambda _line: None)
     label = model if isinstance(model, str) else hooked.model_name(model)
     main = _Model(label, model, device=device, seed=seed)
@@ -361,16 +379,37 @@ def reproduce(
         raise ValueError(f"twin {label!r} is the model itself; name other models as twins")
     stages = Stages(out / "stages", force=force, log=say)
     ctx = _Context(scale, seed, progress, main, twin_models, stages)
+    unknown = sorted(set(force) - set(ctx.planned_stages()))
+    if unknown:
+        raise ValueError(
+            f"--force {', '.join(unknown)}: no such stage at this scale; the stages are "
+            f"{', '.join(ctx.planned_stages())}"
+        )
     say(
         f"reproduce: {label} (twins: {', '.join(t.label for t in twin_models) or 'none'}), "
         f"scale {scale.name!r} -> {out}"
     )
-    ctx.run_all()
-    unknown = sorted(set(force) - set(stages.records))
-    if unknown:
-        known = ", ".join(stages.records)
-        say(f"warning: --force {', '.join(unknown)}: no such stage (stages: {known})")
-    seconds = time.perf_counter() - start
+    with OutputFolder(out, "reproduce", adopt=_legacy_run_files(out)) as folder:  # one writer
+        folder.claim("stages")  # stage folders are emptied when their settings change
+        ctx.run_all()
+        seconds = time.perf_counter() - start
+        return _write_outputs(folder, scale, stages, label, twin_models, seed, device, seconds, say)
+
+
+def _legacy_run_files(out: Path) -> tuple[str, ...]:
+    """A run folder written before folders kept a record of their files: ``metrics.json`` of
+    this pipeline makes its files ours."""
+    try:
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    ours = isinstance(metrics, dict) and {"stages", "scale", "environment"} <= set(metrics)
+    return ("stages", "metrics.json", "report.html") if ours else ()
+
+
+def _write_outputs(folder, scale, stages, label, twin_models, seed, device, seconds, say):
+    """``metrics.json`` and ``report.html`` of a finished run."""
+    out = folder.path
     settings = {
         "model": label,
         "twins": [t.label for t in twin_models],
@@ -390,12 +429,11 @@ def reproduce(
         "seconds_this_run": round(seconds, 1),
         "stages": {name: rec.to_json() for name, rec in stages.records.items()},
     }
-    metrics_path = atomic_write_json(out / "metrics.json", metrics)
+    metrics_path = folder.write_json("metrics.json", metrics)
     from beyond_top1.reproduce_report import build_report
 
-    report_path = build_report(out, stages.records, settings, env, seconds).save(
-        out / "report.html"
-    )
+    report = build_report(out, stages.records, settings, env, seconds)
+    report_path = folder.write_text("report.html", report.html())
     say(f"wrote {report_path} and {metrics_path} ({seconds:.0f} s this run)")
     return Reproduction(
         out, scale, dict(stages.records), report_path, metrics_path, seconds, settings
@@ -421,6 +459,22 @@ class _Context:
         return _texts("val", a, b, self.seed), _texts_settings("val", a, b, self.seed)
 
     # --- the order of things -----------------------------------------------------------------
+
+    def planned_stages(self) -> list[str]:
+        """The names of the stages :meth:`run_all` runs at this scale, in order."""
+        s = self.scale
+        models = [self.main, *self.twins]
+        probed = [self.main, *(self.twins if s.twin_analyses else [])]
+        names = ["lens-linear", *(["lens-tuned"] if s.tuned_lens else []), "lens-metrics"]
+        names += [f"scan-{slug(m.label)}" for m in models] + ["ordering"]
+        names += [f"probe-{slug(m.label)}" for m in probed]
+        names += [
+            "interventions" if m is self.main else f"interventions-{slug(m.label)}" for m in probed
+        ]
+        names += ["early-exit", "generation"]
+        names += ["refinement"] * bool(s.refinement_items)
+        names += ["replacement"] * bool(s.replacement_fit_texts)
+        return [*names, "views"]
 
     def run_all(self) -> None:
         s = self.scale
@@ -1192,7 +1246,7 @@ def headline(metrics: Mapping) -> dict:
 
     for name, stage in metrics.get("stages", {}).items():
         walk(name, stage.get("metrics", {}))
-    return jsonable(flat)
+    return to_jsonable(flat)
 
 
 __all__ = [

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from beyond_top1.jsonutil import to_jsonable
+from beyond_top1.fileio import to_jsonable
 
 DEFAULT_FILTER_FRACTION = 0.85
 DEFAULT_PERMUTATIONS = 1000

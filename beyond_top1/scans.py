@@ -14,11 +14,11 @@ writes ``saturation.parquet``, ``trajectories.safetensors`` and ``summary.json``
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import safetensors
+import safetensors.numpy
 import torch
 from jaxtyping import Float, Int
 
 from beyond_top1 import hooked
 from beyond_top1.activations import stream_residuals
-from beyond_top1.data import DEFAULT_MAX_LEN, DEFAULT_SCORE_FIRST
-from beyond_top1.lenses import Lens, LogitLens
+from beyond_top1.data import DEFAULT_SCORE_FIRST, check_batch_size, resolve_max_len, text_list
+from beyond_top1.fileio import OutputFolder, atomic_write_bytes, output_folder
+from beyond_top1.lenses import Lens, resolve_lens
 from beyond_top1.ranking import DEFAULT_CANDIDATES, PRECISIONS, lens_topk
 from beyond_top1.saturation import (
     DEFAULT_FILTER_FRACTION,
@@ -47,6 +52,7 @@ TRAJECTORIES_FILE = "trajectories.safetensors"
 SUMMARY_FILE = "summary.json"
 SETTINGS_FILE = "settings.json"
 SHARDS_DIR = "shards"
+FINAL_FILES = (SATURATION_FILE, TRAJECTORIES_FILE, SUMMARY_FILE)
 TRAJECTORY_FIELDS = ("top_ids", "final_ranks", "top_logprobs", "resid_cos")
 
 
@@ -202,7 +208,7 @@ def scan(
     model,
     texts: Iterable[str],
     *,
-    lens: Lens | None = None,
+    lens: Lens | str | Path | None = None,
     k: int = 5,
     batch_size: int = 8,
     max_len: int | None = None,
@@ -222,7 +228,8 @@ def scan(
     Args:
         model: a ``HookedTransformer``.
         texts: strings (materialised once to fingerprint them).
-        lens: how layers are read (default: :class:`~beyond_top1.lenses.LogitLens`).
+        lens: how layers are read: a :class:`~beyond_top1.lenses.Lens` of ``model``,
+            ``"logit"`` (the default) or a saved lens folder.
         k: ranks tracked; ``s_1..s_k`` are computed (``1 <= k <= vocab``).
         batch_size, max_len: texts per forward pass; tokens per text (default 128).
         precision: which GEMM proposes candidates, ``"fp32"`` or ``"bf16"``: the exact rule
@@ -239,12 +246,8 @@ def scan(
     Returns:
         A :class:`ScanResult`.
     """
-    lens = lens if lens is not None else LogitLens(model)
-    if lens.model is not model:
-        raise ValueError("the lens was built for another model object; pass the model it wraps")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("no texts to scan")
+    lens = resolve_lens(model, lens)
+    texts = text_list(texts)
     vocab = hooked.d_vocab(model)
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
@@ -252,27 +255,43 @@ def scan(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if shard_batches < 1:
         raise ValueError(f"shard_batches must be >= 1, got {shard_batches}")
-    L = hooked.n_layers(model)
+    check_batch_size(batch_size)
     settings = {
         "model_name": hooked.model_name(model),
         "unembedding_fingerprint": hooked.unembedding_fingerprint(model),
-        "n_layers": L,
+        "n_layers": hooked.n_layers(model),
         "lens": _lens_name(lens, lens_source),
         "lens_kind": lens.kind,
         "k": k,
         "precision": precision,
         "n_candidates": n_candidates if precision == "bf16" else None,
         "batch_size": batch_size,
-        "max_len": max_len or min(DEFAULT_MAX_LEN, hooked.n_ctx(model)),
+        "max_len": resolve_max_len(model, max_len),
         "n_texts": len(texts),
         "texts": texts_description,
         "texts_sha256": texts_fingerprint(texts),
         "shard_batches": shard_batches,
         "score_first": bool(score_first),
     }
-    store = _ShardStore(Path(out), settings, resume) if out is not None else None
+    run = functools.partial(
+        _run_scan, model, texts, lens, settings, progress=progress, n_candidates=n_candidates
+    )
+    if out is None:
+        return run(store=None)[0]
+    with OutputFolder(out, SCAN_KIND, adopt=_legacy_scan_files(Path(out))) as folder:
+        store = _ShardStore(folder, settings, resume)
+        if store.complete:
+            return load_scan(folder.path)
+        result, timing = run(store=store)
+        save_scan(result, folder, n_permutations=n_permutations)
+        store.finish(timing)
+    return result
+
+
+def _run_scan(model, texts, lens, settings, *, store, progress, n_candidates):
+    """The scan loop: every batch read once, shards written (and skipped) through ``store``."""
+    L, k, shard_batches = settings["n_layers"], settings["k"], settings["shard_batches"]
     parts = store.completed_prefix() if store else []  # finished shards are never recomputed
-    n_done = len(parts)  # batches
     start = time.perf_counter()
     n_tokens = 0
     pending: list[dict] = []
@@ -280,14 +299,14 @@ def scan(
         model,
         texts,
         layers=(-1, *range(L)),
-        batch_size=batch_size,
-        max_len=max_len,
-        skip_batches=n_done,
+        batch_size=settings["batch_size"],
+        max_len=settings["max_len"],
+        skip_batches=len(parts),
         progress=progress,
-        score_first=score_first,
+        score_first=settings["score_first"],
     )
     for batch in batches:
-        pending.append(_scan_batch(batch, lens, k, precision, n_candidates))
+        pending.append(_scan_batch(batch, lens, k, settings["precision"], n_candidates))
         n_tokens += len(batch)
         if len(pending) == shard_batches:
             if store:
@@ -298,15 +317,11 @@ def scan(
         if store:
             store.write(len(parts) // shard_batches, pending)
         parts.extend(pending)
-    result = _assemble(parts, k, L, settings)
+    result = _assemble(parts, k, L, dict(settings))
     seconds = time.perf_counter() - start
-    result.settings = dict(settings)
     timing = {"seconds": round(seconds, 2), "tokens_scanned_now": n_tokens}
     timing["tokens_per_second"] = round(n_tokens / seconds, 2) if seconds > 0 else None
-    if store:
-        save_scan(result, store.directory, n_permutations=n_permutations)
-        store.finish(timing)
-    return result
+    return result, timing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,29 +329,37 @@ def scan(
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+SCAN_KIND = "scan"
+_SCAN_FILES = (SETTINGS_FILE, SHARDS_DIR, SATURATION_FILE, TRAJECTORIES_FILE, SUMMARY_FILE)
+_SCAN_FILES += ("timing.json",)
+
+
+def _legacy_scan_files(directory: Path) -> tuple[str, ...]:
+    """A scan folder written before folders kept a record of their files: its files are the
+    scan's own when ``settings.json`` holds a scan's settings."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+        settings = json.loads((directory / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    keys = {"model_name", "texts_sha256", "k", "n_layers"}
+    return _SCAN_FILES if isinstance(settings, dict) and keys <= set(settings) else ()
 
 
 class _ShardStore:
-    """``out/shards/shard-00012.safetensors``: the finished batches of an interrupted run."""
+    """``out/shards/shard-00012.safetensors``: the finished batches of an interrupted run.
 
-    def __init__(self, directory: Path, settings: dict, resume: bool):
-        self.directory = directory
-        self.shards = directory / SHARDS_DIR
-        settings_path = directory / SETTINGS_FILE
-        if settings_path.exists():
+    Opening it checks the folder: a finished scan with these settings is ``complete`` (nothing
+    to do) when resuming; a folder holding a scan refuses a new one unless resuming with the
+    same settings; a folder holding anything beyond-top1 did not write is refused.
+    """
+
+    def __init__(self, folder: OutputFolder, settings: dict, resume: bool):
+        self.folder = folder
+        self.directory = folder.path
+        self.shards = folder.path / SHARDS_DIR
+        settings_path = folder.path / SETTINGS_FILE
+        self.complete = False
+        if settings_path.exists() and folder.owns(SETTINGS_FILE):
             try:
                 previous = json.loads(settings_path.read_text())
             except json.JSONDecodeError as exc:
@@ -345,8 +368,8 @@ class _ShardStore:
                 ) from None
             if not resume:
                 raise ScanFileError(
-                    f"{directory} already holds a scan; pass resume=True (--resume) to continue "
-                    "it, or choose a new output folder"
+                    f"{folder.path} already holds a scan; pass resume=True (--resume) to "
+                    "continue or reuse it, or choose a new output folder"
                 )
             diff = {
                 key
@@ -355,13 +378,21 @@ class _ShardStore:
             }
             if diff:
                 raise ScanFileError(
-                    f"cannot resume {directory}: it was started with other settings "
+                    f"cannot resume {folder.path}: it was started with other settings "
                     f"({', '.join(sorted(diff))} differ). Use the same arguments or a new folder."
                 )
-        elif directory.exists() and any(directory.iterdir()):
-            raise ScanFileError(f"{directory} exists and is not a scan folder; choose a new one")
-        self.shards.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(settings_path, settings)
+            self.complete = all((folder.path / name).is_file() for name in FINAL_FILES)
+            if self.complete:
+                return
+        foreign = folder.foreign()
+        if foreign:
+            raise ScanFileError(
+                f"{folder.path} holds files beyond-top1 did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder"
+            )
+        folder.claim(SHARDS_DIR)
+        self.shards.mkdir(exist_ok=True)
+        folder.write_json(SETTINGS_FILE, settings)
 
     def completed_prefix(self) -> list[dict]:
         """The batches of shards ``0, 1, ...`` up to the first missing or torn one (in order).
@@ -369,14 +400,12 @@ class _ShardStore:
         Shards are written in order and each only once all its batches are done, so an
         interrupted run leaves a prefix; anything after a gap is deleted and redone.
         """
-        from safetensors.numpy import load_file
-
         parts: list[dict] = []
         index = 0
         while True:
             path = self.shards / f"shard-{index:05d}.safetensors"
             try:
-                arrays = load_file(str(path))
+                arrays = safetensors.numpy.load_file(str(path))
                 n_parts = int(arrays.pop("n_parts")[0])
             except Exception:  # noqa: BLE001 - missing or torn: redo from here
                 break
@@ -390,25 +419,27 @@ class _ShardStore:
                 path.unlink(missing_ok=True)
         return parts
 
-    def write(self, index: int, parts: list[dict]) -> None:
-        from safetensors.numpy import save
+    def n_shards(self) -> int:
+        return len(list(self.shards.glob("shard-*.safetensors")))
 
+    def write(self, index: int, parts: list[dict]) -> None:
         arrays = {
             f"{p}/{key}": np.ascontiguousarray(v)
             for p, part in enumerate(parts)
             for key, v in part.items()
         }
         arrays["n_parts"] = np.array([len(parts)], dtype=np.int64)
-        _atomic_write_bytes(self.shards / f"shard-{index:05d}.safetensors", save(arrays))
+        data = safetensors.numpy.save(arrays)
+        atomic_write_bytes(self.shards / f"shard-{index:05d}.safetensors", data)
 
     def finish(self, timing: dict) -> None:
-        _atomic_write_json(self.directory / "timing.json", timing)
+        self.folder.write_json("timing.json", timing)
         shutil.rmtree(self.shards, ignore_errors=True)
 
 
 def save_scan(
     result: ScanResult,
-    directory: str | Path,
+    directory: str | Path | OutputFolder,
     *,
     n_permutations: int = DEFAULT_PERMUTATIONS,
     filter_fraction: float = DEFAULT_FILTER_FRACTION,
@@ -417,16 +448,19 @@ def save_scan(
     """Write ``saturation.parquet``, ``trajectories.safetensors`` and ``summary.json``.
 
     ``summary.json`` holds the settings, counts and (for ``k >= 3``) the ordering statistics; no
-    timings, so the same scan always writes the same bytes.
+    timings, so the same scan always writes the same bytes. A file of the same name that
+    beyond-top1 did not write is never replaced.
     """
-    from safetensors.numpy import save
+    adopt = () if isinstance(directory, OutputFolder) else _legacy_scan_files(Path(directory))
+    with output_folder(directory, SCAN_KIND, adopt=adopt) as folder:
+        _write_scan_files(result, folder, n_permutations, filter_fraction, seed)
+    return folder.path
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    buffer = _parquet_bytes(result.saturation)
-    _atomic_write_bytes(directory / SATURATION_FILE, buffer)
+
+def _write_scan_files(result, folder: OutputFolder, n_permutations, filter_fraction, seed):
+    folder.write_bytes(SATURATION_FILE, _parquet_bytes(result.saturation))
     arrays = {name: np.ascontiguousarray(getattr(result, name)) for name in TRAJECTORY_FIELDS}
-    _atomic_write_bytes(directory / TRAJECTORIES_FILE, save(arrays))
+    folder.write_bytes(TRAJECTORIES_FILE, safetensors.numpy.save(arrays))
     summary = {"settings": result.settings, "n_positions": len(result)}
     summary["n_texts_with_positions"] = int(result.saturation["text_id"].nunique())
     if result.k >= 3 and len(result):
@@ -437,18 +471,12 @@ def save_scan(
         summary["rank_correspondence"] = stats.rank_correspondence.to_dict(orient="records")
     s = result.saturation_array()
     summary["mean_saturation_layer"] = [float(x) for x in s.mean(0)] if len(s) else []
-    _atomic_write_json(directory / SUMMARY_FILE, summary)
-    if not (directory / SETTINGS_FILE).exists():
-        _atomic_write_json(directory / SETTINGS_FILE, result.settings)
-    return directory
+    folder.write_json(SUMMARY_FILE, summary)
+    if not (folder.path / SETTINGS_FILE).exists():
+        folder.write_json(SETTINGS_FILE, result.settings)
 
 
 def _parquet_bytes(frame: pd.DataFrame) -> bytes:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.Table.from_pandas(frame, preserve_index=False)
     sink = io.BytesIO()
     pq.write_table(table, sink)
@@ -457,9 +485,6 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
 
 def load_scan(directory: str | Path) -> ScanResult:
     """Read a folder written by :func:`scan` (``out=``) or :func:`save_scan`."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise ScanFileError(f"no scan folder at {directory}")
@@ -477,9 +502,9 @@ def load_scan(directory: str | Path) -> ScanResult:
         raise ScanFileError(f"{directory} lacks {', '.join(missing)}{hint}")
     try:
         frame = pd.read_parquet(directory / SATURATION_FILE)
-        arrays = load_file(str(directory / TRAJECTORIES_FILE))
+        arrays = safetensors.numpy.load_file(str(directory / TRAJECTORIES_FILE))
         summary = json.loads((directory / SUMMARY_FILE).read_text())
-    except (OSError, ValueError, SafetensorError) as exc:
+    except (OSError, ValueError, safetensors.SafetensorError) as exc:
         raise ScanFileError(f"corrupt scan folder {directory}: {exc}. Re-run the scan.") from None
     if set(arrays) != set(TRAJECTORY_FIELDS) or any(len(a) != len(frame) for a in arrays.values()):
         raise ScanFileError(f"corrupt scan folder {directory}: arrays do not match the table")

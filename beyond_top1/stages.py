@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from beyond_top1.fileio import atomic_write_json, to_jsonable
 
 DONE_FILE = "done.json"
 STARTED_FILE = "started.json"
@@ -39,58 +38,10 @@ class StageUnavailable(Exception):
     """Raised by a stage function when its analysis cannot run on this data (says why)."""
 
 
-def jsonable(value):
-    """``value`` with numpy/pandas scalars, tuples, paths and NaN made JSON-friendly."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
-        return [jsonable(v) for v in items]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
-        value = value.item()  # numpy / torch scalar
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, bool | int | float | str) or value is None:
-        return value
-    return str(value)
-
-
 def fingerprint(settings: Mapping) -> str:
     """SHA-256 (16 hex digits) of the canonical JSON of ``settings``."""
-    text = json.dumps(jsonable(settings), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(to_jsonable(settings), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (parents made)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(jsonable(obj), indent=1, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -102,7 +53,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _changed_keys(old: Mapping, new: Mapping) -> list[str]:
-    old, new = jsonable(old), jsonable(new)
+    old, new = to_jsonable(old), to_jsonable(new)
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
@@ -133,8 +84,8 @@ class StageRecord:
             "cached": self.cached,
             "seconds": round(self.seconds, 2),
             "fingerprint": self.fingerprint,
-            "settings": jsonable(self.settings),
-            "metrics": jsonable(self.metrics),
+            "settings": to_jsonable(self.settings),
+            "metrics": to_jsonable(self.metrics),
         }
 
 
@@ -171,7 +122,7 @@ class Stages:
         """Run stage ``name`` (or skip it when finished with the same settings)."""
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"a stage name must be a plain folder name, got {name!r}")
-        effective = dict(jsonable(settings))
+        effective = dict(to_jsonable(settings))
         upstream = {rec.name: rec.fingerprint for rec in after}
         if upstream:
             effective["after"] = upstream
@@ -213,7 +164,7 @@ class Stages:
         atomic_write_json(folder / STARTED_FILE, {"fingerprint": key, "settings": effective})
         start = time.perf_counter()
         try:
-            metrics = jsonable(dict(fn(folder) or {}))
+            metrics = to_jsonable(dict(fn(folder) or {}))
             status = "done"
         except StageUnavailable as exc:
             metrics, status = {"reason": str(exc)}, "unavailable"
@@ -247,9 +198,5 @@ __all__ = [
     "StageRecord",
     "StageUnavailable",
     "Stages",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
     "fingerprint",
-    "jsonable",
 ]

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 
 from beyond_top1 import hooked
-from beyond_top1.lenses import Lens, LogitLens
+from beyond_top1.lenses import Lens, resolve_lens
 from beyond_top1.ranking import PRECISIONS, lens_topk
 from beyond_top1.readout import prompt_residuals
 from beyond_top1.saturation import saturation_layers
@@ -165,16 +165,15 @@ def trajectory(
     Args:
         model: a ``HookedTransformer``.
         prompt: the text (at most the model's context; BOS is prepended if the model expects it).
-        lens: any :class:`~beyond_top1.lenses.Lens` of ``model``.
+        lens: a :class:`~beyond_top1.lenses.Lens` of ``model``, ``"logit"`` (the default) or
+            a saved lens folder.
         k: ranks to track.
         precision: ``"fp32"`` or ``"bf16"`` (see :mod:`beyond_top1.ranking`).
 
     Returns:
         A :class:`Trajectory` (renders inline in Jupyter).
     """
-    lens = lens if lens is not None else LogitLens(model)
-    if lens.model is not model:
-        raise ValueError("lens was built for another model; build it with this model")
+    lens = resolve_lens(model, lens)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     L = hooked.n_layers(model)

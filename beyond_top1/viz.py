@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from beyond_top1.fileio import write_signed_file
 from beyond_top1.trajectory import Trajectory
 
 DEFAULT_MAX_TOKENS = 200
+GENERATOR_TAG = '<meta name="generator" content="beyond-top1">'  # marks pages this tool wrote
 _LEGEND_INLINE = 24  # longer position keys are folded into a <details> element
 _MARKERS = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 VIEW_STYLE = """<style>
@@ -198,15 +200,15 @@ class View:
         title = html.escape(self.title or "beyond-top1")
         return (
             '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{title}</title>\n</head>\n<body>\n{self.html()}\n</body>\n</html>\n"
+            f"{GENERATOR_TAG}\n<title>{title}</title>\n</head>\n<body>\n{self.html()}\n"
+            "</body>\n</html>\n"
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write :meth:`page` to ``path`` (parents created); return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.page(), encoding="utf-8")
-        return path
+        """Write :meth:`page` to ``path`` atomically (parents created); return the path. An
+        existing file is replaced only if this toolkit wrote it."""
+        data = self.page().encode("utf-8")
+        return write_signed_file(path, lambda tmp: tmp.write_bytes(data), GENERATOR_TAG.encode())
 
     def __add__(self, other) -> View:
         other = as_view(other)

@@ -148,7 +148,7 @@ def test_scan_errors(tiny_model, tmp_path):
         scan(tiny_model, TEXTS, lens=bt.LogitLens(other), progress=False)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
-    with pytest.raises(ScanFileError, match="not a scan folder"):
+    with pytest.raises(ScanFileError, match="beyond-top1 did not write"):
         scan(tiny_model, TEXTS, out=tmp_path / "junk", progress=False)
     with pytest.raises(ScanFileError, match="no scan folder"):
         load_scan(tmp_path / "missing")

@@ -4,24 +4,28 @@ from beyond_top1.lenses.base import Lens
 from beyond_top1.lenses.io import (
     LENS_KINDS,
     LensFileError,
+    check_lens_destination,
     load_lens,
     register_lens_kind,
     save_lens,
 )
 from beyond_top1.lenses.linear import LinearShortcutLens
 from beyond_top1.lenses.logit import LogitLens
+from beyond_top1.lenses.resolve import resolve_lens
 from beyond_top1.lenses.tuned import TunedLens, TunedLensTraining, train_tuned_lens
 
 __all__ = [
     "LENS_KINDS",
     "Lens",
     "LensFileError",
+    "check_lens_destination",
     "LinearShortcutLens",
     "LogitLens",
     "TunedLens",
     "TunedLensTraining",
     "load_lens",
     "register_lens_kind",
+    "resolve_lens",
     "save_lens",
     "train_tuned_lens",
 ]

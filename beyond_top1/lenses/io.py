@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from beyond_top1 import hooked
+from beyond_top1.fileio import OutputFolder, to_jsonable
 from beyond_top1.lenses.base import Lens
 
 CONFIG_FILE = "config.json"
@@ -70,26 +68,61 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_lens(lens: Lens, directory: str | Path) -> Path:
-    """Write ``lens`` to ``directory`` atomically (a temporary folder, then ``os.replace``).
+LENS_KIND = "lens"
+HISTORY_FILE = "training_history.csv"
+_LENS_FILES = (CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE)
 
-    An existing lens folder at ``directory`` is replaced; any other non-empty folder is refused.
+
+def _legacy_lens_files(directory: Path) -> tuple[str, ...]:
+    """A lens folder saved before folders kept a record of their files: ``config.json`` with
+    this format's keys makes its lens files ours to replace."""
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    ours = isinstance(config, dict) and "format_version" in config
+    return _LENS_FILES if ours and all(key in config for key in REQUIRED_KEYS) else ()
+
+
+def lens_folder(directory: str | Path) -> OutputFolder:
+    """The :class:`~beyond_top1.fileio.OutputFolder` a lens is saved into (enter it to write).
+
+    Opening it checks, before any work, that the folder is new, empty or a lens this toolkit
+    saved: a ``config.json`` of another origin (a Hugging Face model folder, a project) is never
+    replaced, and a lens folder's other files are never touched.
+    """
+    folder = OutputFolder(directory, LENS_KIND, adopt=_legacy_lens_files(Path(directory)))
+    check_lens_destination(folder)
+    return folder
+
+
+def check_lens_destination(directory: str | Path | OutputFolder) -> None:
+    """Raise :class:`LensFileError` unless a lens may be written to ``directory``."""
+    folder = directory
+    if not isinstance(folder, OutputFolder):
+        folder = OutputFolder(directory, LENS_KIND, adopt=_legacy_lens_files(Path(directory)))
+    taken = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not folder.owns(name)]
+    foreign = folder.foreign() if folder.path.is_dir() else []
+    if taken or (foreign and not folder.files):
+        shown = ", ".join((taken or foreign)[:3]) + (", ..." if len(taken or foreign) > 3 else "")
+        raise LensFileError(
+            f"{folder.path} is not a lens folder saved by beyond-top1 (it holds {shown}); "
+            "refusing to write into it. Choose a new or empty folder."
+        )
+
+
+def save_lens(lens: Lens, directory: str | Path) -> Path:
+    """Write ``lens`` to ``directory``: ``weights.safetensors``, then ``config.json`` (which
+    holds the weights' checksum), each atomically, and a tuned lens' ``training_history.csv``.
+
+    Only a folder holding nothing, or a lens this toolkit saved, is written to; the lens files of
+    another origin are refused (:class:`LensFileError`) and other files are left alone.
     """
     from beyond_top1 import __version__
 
-    directory = Path(directory)
-    occupied = directory.is_dir() and any(directory.iterdir())
-    if directory.is_file() or (occupied and not (directory / CONFIG_FILE).is_file()):
-        raise LensFileError(
-            f"{directory} exists and is not a lens folder; refusing to overwrite it. "
-            "Choose a new or empty folder."
-        )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(directory, "tmp")
-    try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in lens.state_dict().items()}
-        save_file(state, tmp / WEIGHTS_FILE)
-        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_umask())  # save_file creates it as 0600
+    state = {k: v.detach().to("cpu").contiguous() for k, v in lens.state_dict().items()}
+    with lens_folder(directory) as folder:
+        weights = folder.write(WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
         config = {
             "format_version": FORMAT_VERSION,
             "kind": lens.kind,
@@ -97,42 +130,15 @@ def save_lens(lens: Lens, directory: str | Path) -> Path:
             "layers": list(lens.layers),
             "beyond_top1_version": __version__,
             "settings": lens.config(),
-            "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
+            "weights_sha256": _sha256(weights),
         }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        _replace_dir(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def _replace_dir(new: Path, directory: Path) -> None:
-    """Move ``new`` to ``directory``; an old folder there is moved aside first, then deleted."""
-    if not directory.exists():
-        os.replace(new, directory)
-        return
-    old = _sibling(directory, "old")
-    os.replace(directory, old / "lens")
-    try:
-        os.replace(new, directory)
-    except OSError:
-        os.replace(old / "lens", directory)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _sibling(directory: Path, tag: str) -> Path:
-    """A new hidden folder next to ``directory`` (same file system, so renames are atomic)."""
-    path = directory.parent / f".{directory.name}.{tag}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    return path
+        folder.write_text(CONFIG_FILE, json.dumps(to_jsonable(config), indent=2) + "\n")
+        history = getattr(lens, "training_history", None)  # a tuned lens' training curve
+        if history is not None:
+            folder.write_csv(HISTORY_FILE, history)
+        elif (folder.path / HISTORY_FILE).exists() and folder.owns(HISTORY_FILE):
+            (folder.path / HISTORY_FILE).unlink()  # a previous lens' history, not this one's
+    return folder.path
 
 
 def _corrupt(directory: Path, problem: str) -> LensFileError:
@@ -226,6 +232,8 @@ def load_lens(directory: str | Path, model) -> Lens:
 __all__ = [
     "LENS_KINDS",
     "LensFileError",
+    "check_lens_destination",
+    "lens_folder",
     "load_lens",
     "read_lens_config",
     "register_lens_kind",

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
 from beyond_top1.activations import stream_residuals
+from beyond_top1.data import text_list
 from beyond_top1.lenses.base import Lens
 from beyond_top1.lenses.io import register_lens_kind
 
@@ -271,7 +272,7 @@ def train_tuned_lens(
     settings = settings or TunedLensTraining()
     settings = TunedLensTraining(**{**asdict(settings), **overrides})
     clock = _Clock(settings.clock)
-    texts = list(texts)
+    texts = text_list(texts)
     if heldout_texts is None:
         if len(texts) <= settings.n_heldout_texts:
             raise ValueError(
@@ -300,7 +301,8 @@ def train_tuned_lens(
         "heldout_kl": [round(float(x), 5) for x in best_kl],
     }
     lens.requires_grad_(False)
-    return lens.eval(), pd.concat(history, ignore_index=True)
+    lens.training_history = pd.concat(history, ignore_index=True)  # saved with the lens
+    return lens.eval(), lens.training_history
 
 
 def _trained_layers(model, init, layers) -> tuple[int, ...]:
