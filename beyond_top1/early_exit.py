@@ -1,4 +1,4 @@
-"""Simulated token-level early exit (papers 001 and 004; DESIGN.md §3 "Early exit").
+"""Simulated token-level early exit (papers 001 and 004; docs/definitions.md, "Early exit").
 
 **Simulation only: no compute is skipped.** Every position goes through one full forward pass;
 :func:`collect_exit_signals` records, per position and layer, what each exit criterion reads,

@@ -1,4 +1,4 @@
-"""The model boundary: the only module that reads a model's internals (DESIGN.md §2).
+"""The model boundary: the only module that reads a model's internals (docs/conventions.md).
 
 Analyses touch a model through hook names, ``run_with_cache``, ``ln_final``, the unembedding
 (``W_U``, ``b_U``), ``cfg`` and the tokenizer, and only through the functions here. Keeping the

@@ -1,4 +1,4 @@
-"""Task-shift interventions (paper 001; DESIGN.md §3 "Intervention").
+"""Task-shift interventions (paper 001; docs/definitions.md, "Intervention").
 
 Pairs of positions in one text (at most ``max_distance`` tokens apart) share their final top-1
 token, but the *source* fixes it at least ``delta`` layers before the *target*, and comes

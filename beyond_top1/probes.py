@@ -1,4 +1,4 @@
-"""Task-index probes on ``resid_post`` (paper 001; DESIGN.md §3 "Task index", "Probe").
+"""Task-index probes on ``resid_post`` (paper 001; docs/definitions.md, "Task index", "Probe").
 
 * :func:`task_labels`: which rank a position is "determining" at each layer, from its saturation
   layers ``s_1..s_k``; out-of-order (ambiguous) layers and layers after ``s_k`` are excluded.
@@ -56,7 +56,7 @@ def task_labels(
     layers: Sequence[int],
     n_layers: int,
 ) -> Int[np.ndarray, "n n_layers_given"]:
-    """The task index of every position at every layer in ``layers`` (DESIGN.md §3).
+    """The task index of every position at every layer in ``layers`` (docs/definitions.md).
 
     Rank ``j`` counts as *saturated at layer l* when ``s_j < l`` (it has been fixed since an
     earlier layer). At layer ``l`` a position is doing task ``i`` when exactly ranks ``1..i-1``

@@ -1,4 +1,6 @@
-"""Exact top-k read-outs through a lens: the per-batch kernel behind every scan (DESIGN.md §3).
+"""Exact top-k read-outs through a lens: the per-batch kernel behind every scan.
+
+See docs/conventions.md, "Exact read-outs".
 
 **The exact rule.** At a layer, the order of the vocabulary is the order of the exact logits
 ``E_j = x · W_j + b_j``: ``x`` is the fp32 normed residual (the lens map and the final norm are

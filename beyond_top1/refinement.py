@@ -1,4 +1,4 @@
-"""Refinement gap vs. evidence position (003; DESIGN.md §3 "Refinement gap").
+"""Refinement gap vs. evidence position (003; docs/definitions.md, "Refinement gap").
 
 A multi-document probe set built offline from the Wikipedia summaries: each prompt holds ``N``
 short documents, one of which states a single-token answer, and a question; the relevant

@@ -1,4 +1,4 @@
-"""Saturation events and ordering statistics (DESIGN.md §3; papers 000/001).
+"""Saturation events and ordering statistics (docs/definitions.md; papers 000/001).
 
 Everything here is a pure function of small integer arrays, so it is exact and cheap:
 
@@ -150,7 +150,7 @@ def permutation_null(
 ) -> Float[Tensor, " n_permutations"]:
     """Mean strict τ after shuffling each position's saturation layers, per permutation.
 
-    ``s`` holds the positions that pass the filter. Two conventions (DESIGN.md §3):
+    ``s`` holds the positions that pass the filter. Two conventions (docs/definitions.md):
 
     * ``"kept"``: (a) each position's ``k'`` kept values are permuted; ``k'`` stays fixed and
       positions with ``k' < 3`` are left out, as in the observed statistic.
@@ -182,7 +182,7 @@ def permutation_null(
 
 @dataclass
 class OrderingStats:
-    """Ordering statistics of one set of saturation layers (001 §2.2; DESIGN.md §3).
+    """Ordering statistics of one set of saturation layers (001 §2.2; docs/definitions.md).
 
     Counts: ``n_positions`` scored, ``n_passing_filter`` with ``s_1 <= floor(filter · L)``,
     ``n_kept`` of those with at least 3 ranks left after the drop rule. Two permutation nulls,
@@ -278,7 +278,9 @@ def ordering(
     n_permutations: int = DEFAULT_PERMUTATIONS,
     seed: int = 0,
 ) -> OrderingStats:
-    """Do ranks saturate in order? 001's statistics for saturation layers ``s`` (DESIGN.md §3).
+    """Do ranks saturate in order? 001's statistics for saturation layers ``s``.
+
+    See docs/definitions.md, "Ordering statistics".
 
     Args:
         s: ``[n, k]`` saturation layers, or a scan result / saturation DataFrame with columns

@@ -1,4 +1,4 @@
-"""Rank trajectories and saturation events over a corpus, streamed (papers 000/001, DESIGN.md §3).
+"""Rank trajectories and saturation events over a corpus, streamed (000/001; docs/definitions.md).
 
 :func:`scan` runs texts through a model and a lens batch by batch and keeps, per scored position,
 only compact results: the final top-k ids, the lens' top-k ids and log-probs at every layer, the

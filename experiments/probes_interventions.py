@@ -1,4 +1,4 @@
-"""Task-index probes and task-shift interventions (paper 001 §2.3, §3; DESIGN.md §3).
+"""Task-index probes and task-shift interventions (paper 001 §2.3, §3; docs/definitions.md).
 
 One scan (k = max(--ks)) of validation Wikipedia texts, then for every k in --ks a task probe
 cross-validated with GroupKFold by text against the shuffled-label baseline. Then the task-shift

@@ -1,4 +1,6 @@
-"""Exact read-outs do not depend on precision, batch size or thread count (DESIGN.md §3, issue 12).
+"""Exact read-outs do not depend on precision, batch size or thread count (issue 12).
+
+See docs/conventions.md, "Exact read-outs".
 
 Scans the same texts (``--n-texts`` validation texts plus short prompts of 1-5 tokens, position
 0 included so that a one-token prompt has a row) under every combination of precision (fp32,

@@ -120,7 +120,7 @@ def copy_position(source: int | tuple[int, int], target: int | tuple[int, int]) 
     """Copy the activation at position ``source`` into position ``target`` (same pass, same
     hook point); nothing else changes. ``copy_position(s, t)`` is ``copy_positions({t: s})``.
 
-    This is the task-shift intervention of DESIGN.md §3: the target's ``resid_post`` at layer
+    This is the task-shift intervention of docs/definitions.md: the target's ``resid_post`` at layer
     ``l`` is replaced by the earlier-saturating source's, at the same layer of the same text.
 
     ``source``/``target``: ``pos`` (every row) or ``(batch_idx, pos)``; see :func:`copy_positions`.

@@ -22,7 +22,7 @@ def test_logit_lens_reproduces_model_logits_at_last_layer(fixture, request):
 
 
 def test_final_norm_uses_each_layers_own_scale(tiny_model):
-    """Layer 0's logits use layer 0's RMS, not the final layer's (DESIGN.md §2)."""
+    """Layer 0's logits use layer 0's RMS, not the final layer's (docs/conventions.md)."""
     ids, resid = prompt_residuals(tiny_model, "A short sentence about lenses")
     h0 = resid[:, 0]
     normed = h0 / (h0.pow(2).mean(-1, keepdim=True) + tiny_model.cfg.eps).sqrt()

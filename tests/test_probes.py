@@ -30,7 +30,7 @@ from beyond_top1.scans import ScanResult, texts_fingerprint
 
 
 def reference_label(s: list[int], layer: int) -> int:
-    """DESIGN.md §3 spelled out: task i iff exactly ranks 1..i-1 are saturated (s_j < l)."""
+    """docs/definitions.md spelled out: task i iff exactly ranks 1..i-1 are saturated (s_j < l)."""
     saturated = [value < layer for value in s]
     for i in range(1, len(s) + 1):
         if all(saturated[: i - 1]) and not any(saturated[i - 1 :]):
@@ -78,7 +78,7 @@ def test_task_labels_match_reference_and_formula_on_random_inputs():
         for j, layer in enumerate(layers):
             label = labels[n, j]
             assert label == reference_label(s[n].tolist(), layer)
-            if label:  # the DESIGN formula s_{i-1} < l <= s_i (s_0 = -1) holds
+            if label:  # the formula of docs/definitions.md, s_{i-1} < l <= s_i (s_0 = -1) holds
                 lower = -1 if label == 1 else s[n, label - 2]
                 assert lower < layer <= s[n, label - 1]
     assert (labels[:150] > 0).mean() > (labels[150:] > 0).mean()  # disorder excludes layers

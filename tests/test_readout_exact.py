@@ -1,6 +1,6 @@
-"""The exact read-out rule (DESIGN.md §3): top-k ids, their order, in-top-k ranks and saturation
-layers are those of the exact logits (float64 of the fp32 normed residual and weights, ties to
-the lower id), whatever the precision, batch, chunking or thread count.
+"""The exact read-out rule (docs/conventions.md, "Exact read-outs"): top-k ids, their order,
+in-top-k ranks and saturation layers are those of the exact logits (float64 of the fp32 normed
+residual and weights, ties to the lower id), whatever the precision, batch, chunking or threads.
 
 The reference is slow and obviously correct: every logit summed with ``math.fsum`` (correctly
 rounded) from the exact float64 products, and the vocabulary sorted by ``(-logit, id)``.

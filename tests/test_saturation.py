@@ -1,4 +1,4 @@
-"""Saturation layers and ordering statistics against brute-force loops (DESIGN.md §3)."""
+"""Saturation layers and ordering statistics against brute-force loops (docs/definitions.md)."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def test_rank_correspondence_places():
 
 
 def enumerated_null(s: list[int], n_layers: int, convention: str) -> float:
-    """E[τ | kept] over every permutation of one position, by brute force (DESIGN.md §3)."""
+    """E[τ | kept] over every permutation of one position, by brute force (docs/definitions.md)."""
     from itertools import permutations
 
     k_kept = int(kept_rank_counts(torch.tensor([s]), n_layers)[0])

@@ -13,7 +13,7 @@ from beyond_top1.lenses.io import register_lens_kind
 class LogitLens(Lens):
     """``logits_l = unembed(ln_final(h_l))``, with the norm scale recomputed from ``h_l``.
 
-    The norm scale of layer ``l`` is never borrowed from the final layer (DESIGN.md §2).
+    The norm scale of layer ``l`` is never borrowed from the final layer (docs/conventions.md).
     """
 
     kind = "logit"

@@ -1,4 +1,4 @@
-"""Lens quality metrics, streamed over a corpus (DESIGN.md §3 "Lens metrics"; 004 §3-§4).
+"""Lens quality metrics, streamed over a corpus (docs/definitions.md, "Lens metrics"; 004 §3-§4).
 
 :func:`evaluate_lenses` scores lenses layer by layer against the model's own final distribution
 ``p_final`` (the logit lens at ``L-1``, i.e. the model's logits). :func:`quality_of_fit_matrix`
