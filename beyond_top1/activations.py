@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from jaxtyping import Float, Int
+import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -121,3 +122,96 @@ def count_scored_tokens(
     """Number of positions :func:`stream_residuals` would yield for ``texts`` (tokenizes only)."""
     batches = iter_token_batches(model, texts, max_len=max_len, score_first=score_first)
     return sum(b.n_tokens for b in batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference means (for mean ablation: beyond_top1.hooks.mean_ablate)
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_activation(
+    source: Float[Tensor, "batch pos *trailing"] | object,
+    hook_name: str | None = None,
+    *,
+    mask: Bool[Tensor, "batch pos"] | None = None,
+    per_position: bool = False,
+) -> Float[Tensor, "*trailing"] | Float[Tensor, " pos *trailing"]:
+    """Mean of an activation over a reference batch (accumulated in float64).
+
+    Args:
+        source: a ``[batch, pos, *trailing]`` tensor, or a cache (``ActivationCache`` or dict)
+            with ``hook_name``.
+        mask: ``[batch, pos]``, True for the positions to average (e.g. the attention mask, to
+            leave padding out); default every position.
+        per_position: average over the batch only → ``[pos, *trailing]`` (NaN at positions the
+            mask leaves empty); default over batch and positions → ``[*trailing]``.
+
+    >>> _, cache = model.run_with_cache(reference_tokens)
+    >>> mu = mean_activation(cache, "blocks.6.hook_resid_post", mask=attention_mask)
+    """
+    if isinstance(source, Tensor):
+        acts = source
+    else:
+        if hook_name is None:
+            raise ValueError("pass hook_name to take the mean from a cache")
+        acts = source[hook_name]
+    acts = acts.detach()
+    if acts.ndim < 2:
+        raise ValueError(f"expected a [batch, pos, ...] activation, got {tuple(acts.shape)}")
+    if mask is None:
+        mask = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
+    mask = mask.to(device=acts.device, dtype=torch.bool)
+    if tuple(mask.shape) != tuple(acts.shape[:2]):
+        raise ValueError(f"mask is {tuple(mask.shape)}, activations are {tuple(acts.shape)}")
+    weights = mask.to(torch.float64).reshape(*mask.shape, *([1] * (acts.ndim - 2)))
+    sums = (acts.to(torch.float64) * weights).sum(dim=0)
+    counts = weights.sum(dim=0)
+    if not per_position:
+        sums, counts = sums.sum(dim=0), counts.sum(dim=0)
+        if counts.item() == 0:
+            raise ValueError("mask selects no position")
+    return (sums / counts).to(acts.dtype)  # 0/0 = NaN at empty positions
+
+
+def mean_from_stream(
+    batches: Iterable,
+    layer: int,
+    *,
+    per_position: bool = False,
+) -> Float[Tensor, " d_model"] | Float[Tensor, "pos d_model"]:
+    """Mean residual at ``layer`` over streamed batches (float64 accumulation, one batch held).
+
+    ``batches``: :class:`beyond_top1.ResidualBatch` objects (anything with ``.at(layer)`` →
+    ``[tokens, d_model]`` and ``.positions`` → ``[tokens]``), e.g.
+    ``bt.stream_residuals(model, texts, layers=[layer])``. Padding and position 0 are already
+    left out.
+    ``per_position``: ``[max_pos + 1, d_model]``, NaN where no token was seen.
+
+    >>> mu = mean_from_stream(stream_residuals(model, bt.wiki_texts(200), layers=[6]), 6)
+    >>> hook = ("blocks.6.hook_resid_post", mean_ablate(mu, positions=[-1]))
+    """
+    sums = counts = None
+    dtype = None
+    for batch in batches:
+        resid = batch.at(layer).detach()
+        dtype = resid.dtype
+        resid = resid.to(torch.float64)
+        if per_position:
+            pos = batch.positions.to(resid.device, torch.long)
+            size = int(pos.max()) + 1 if len(pos) else 0
+            if sums is None:
+                sums = resid.new_zeros(0, resid.shape[-1])
+                counts = resid.new_zeros(0)
+            if size > len(counts):
+                sums = torch.cat([sums, sums.new_zeros(size - len(sums), sums.shape[-1])])
+                counts = torch.cat([counts, counts.new_zeros(size - len(counts))])
+            sums.index_add_(0, pos, resid)
+            counts.index_add_(0, pos, torch.ones_like(pos, dtype=torch.float64))
+        else:
+            sums = resid.sum(dim=0) if sums is None else sums + resid.sum(dim=0)
+            counts = (0 if counts is None else counts) + resid.shape[0]
+    if sums is None or (not per_position and counts == 0):
+        raise ValueError("no tokens in batches")
+    if per_position:
+        return (sums / counts[:, None]).to(dtype)
+    return (sums / counts).to(dtype)

@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from beyond_top1.hooks.replace import SUBMODULE_KINDS, submodule_hook_names  # noqa: F401 - re-exported
+
 EMBED_LAYER = -1
 
 
@@ -257,26 +259,6 @@ def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, ".
     return unembed(model, final_norm(model, resid))
 
 
-# --- hooks package (issue 5, task: hooks) -------------------------------------------------------
-
-
-def hook_names(model) -> list[str]:
-    """Every hook point name of ``model`` (``model.hook_dict``), in module order."""
-    return list(model.hook_dict)
-
-
-def hook_points(model) -> dict:
-    """``{name: HookPoint}`` of ``model`` (``model.hook_dict``)."""
-    return dict(model.hook_dict)
-
-
-def temporary_hooks(model, fwd_hooks: list, bwd_hooks: list):
-    """TransformerLens' ``model.hooks(...)`` context manager: it adds the hooks at a new context
-    level and, on exit (also on an exception), removes the non-permanent hooks of that level
-    only, so hooks added with ``model.add_hook`` or by an outer context survive."""
-    return model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=True)
-
-
 # --- task probes and interventions (issue 5, task: probes) ----------------------------------------
 
 
@@ -336,34 +318,10 @@ def kv_tensors(cache) -> tuple[list[Tensor], list[Tensor]]:
 # hooks, running from a layer's residual.
 # ---------------------------------------------------------------------------------------------
 
-SUBMODULE_KINDS = ("attn", "mlp", "norm", "norm2")
 
-# (input hook, output hook) of each replaceable sub-module of block ``{layer}`` (TransformerLens
-# 3.9, pre-norm ``HookedTransformer``: the same names for RMSNorm models such as SmolLM2 (folded:
-# ``RMSPre``) and LayerNorm models such as GPT-2). ``ln1``/``ln2.hook_normalized`` is the
-# normalised vector *before* the norm's own affine weight (folded into the next matrices by
-# ``fold_ln``), so the attention / MLP input is an affine function of it.
-_SUBMODULE_HOOKS = {
-    "attn": ("blocks.{layer}.ln1.hook_normalized", "blocks.{layer}.hook_attn_out"),
-    "mlp": ("blocks.{layer}.ln2.hook_normalized", "blocks.{layer}.hook_mlp_out"),
-    "norm": ("blocks.{layer}.hook_resid_pre", "blocks.{layer}.ln1.hook_normalized"),
-    "norm2": ("blocks.{layer}.hook_resid_mid", "blocks.{layer}.ln2.hook_normalized"),
-}
-
-
-def submodule_hook_names(layer: int, kind: str) -> tuple[str, str]:
-    """``(input_hook, output_hook)`` of sub-module ``kind`` in block ``layer``.
-
-    ``attn``: ``ln1.hook_normalized -> hook_attn_out``; ``mlp``: ``ln2.hook_normalized ->
-    hook_mlp_out``; ``norm``: ``hook_resid_pre -> ln1.hook_normalized``; ``norm2``:
-    ``hook_resid_mid -> ln2.hook_normalized``.
-    """
-    if kind not in _SUBMODULE_HOOKS:
-        raise ValueError(f"kind must be one of {SUBMODULE_KINDS}, got {kind!r}")
-    source, target = _SUBMODULE_HOOKS[kind]
-    return source.format(layer=layer), target.format(layer=layer)
-
-
+# The sub-module hook names (``ln1.hook_normalized`` is the normalised vector *before* the
+# norm's own affine weight, folded into the next matrices by ``fold_ln``, so the attention / MLP
+# input is an affine function of it) live with the replacement hooks that use them.
 def check_submodule_layout(model, kinds: tuple[str, ...] = SUBMODULE_KINDS) -> None:
     """Raise ``ValueError`` if the model's blocks do not have the layout the names above assume."""
     cfg = model.cfg

@@ -212,7 +212,7 @@ def patch_and_read(
         ``[batch, L, d_model]`` ``resid_post`` of each row's ``read_pos`` at layers ``0..L-1``,
         after the patch.
     """
-    from hooks import copy_positions, patched, record_positions
+    from beyond_top1.hooks import copy_positions, patched, record_positions
 
     batch = tokens.shape[0]
     if len(read_pos) != batch or (patches and len(patches) != batch):
@@ -249,7 +249,7 @@ class TextStates:
 
 def text_states(model, token_lists: Sequence[Sequence[int]]) -> list[TextStates]:
     """Run whole texts once (right-padded, with their attention mask) and keep their states."""
-    from hooks import patched, record
+    from beyond_top1.hooks import patched, record
 
     L = hooked.n_layers(model)
     device = hooked.model_device(model)
@@ -296,7 +296,7 @@ def patch_and_read_cached(
 
     Returns ``[batch, L, d_model]``: the target's ``resid_post`` at every layer.
     """
-    from hooks import copy_positions, patched, record_positions, replace_at_positions
+    from beyond_top1.hooks import copy_positions, patched, record_positions, replace_at_positions
 
     batch = len(states)
     if len(targets) != batch or len(patches) != batch:

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
 from beyond_top1.data import DEFAULT_MAX_LEN, DEFAULT_SCORE_FIRST, iter_token_batches
+from beyond_top1.hooks.replace import FwdHooks, linear_replacement_hooks, replace_with_constant
 from beyond_top1.lenses.least_squares import DEFAULT_RIDGE, LeastSquaresAccumulator
 from beyond_top1.lenses.metrics import Moments, coordinate_r2, squared_error
-from hooks.replace import FwdHooks, constant_replacement, linear_replacement
 
 DEFAULT_KINDS = ("attn", "mlp", "norm")
 VARIANTS = ("fit", "zero", "identity", "mean")
@@ -61,13 +61,15 @@ class SubmoduleMaps:
         i = self.layers.index(layer)
         source, target = hooked.submodule_hook_names(layer, kind)
         if variant == "fit":
-            return linear_replacement(source, target, self.weight[kind][i], self.bias[kind][i])
+            return linear_replacement_hooks(
+                source, target, self.weight[kind][i], self.bias[kind][i]
+            )
         if variant == "identity":
-            return linear_replacement(source, target)
+            return linear_replacement_hooks(source, target)
         if variant == "zero":
-            return constant_replacement(target, 0.0)
+            return [(target, replace_with_constant(0.0))]
         if variant == "mean":
-            return constant_replacement(target, self.mean_output[kind][i])
+            return [(target, replace_with_constant(self.mean_output[kind][i]))]
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 

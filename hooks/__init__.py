@@ -1,46 +1,32 @@
-"""TransformerLens hook-function factories for patching experiments.
+"""``from hooks import ...``: the toolkit's TransformerLens hook-function factories.
 
-Each factory returns ``fn(activation, hook) -> activation | None``, to be used as a
-``(hook_name, fn)`` pair with ``model.run_with_hooks`` or ``with model.hooks(...)`` (or
-:func:`patched`, which checks the names first). Factories that change an activation return a
-new tensor and never write into the one they receive, so a ``record`` or ``run_with_cache``
-hook on the same point keeps what it saw.
-
-Positions index axis 1 of ``[batch, pos, ...]`` activations: an int means that position in
-every batch row, ``(batch_idx, pos)`` one row; negative values count from the end.
-
->>> from hooks import copy_position, patched, record
->>> store = {}
->>> with patched(model, [("blocks.12.hook_resid_post", copy_position(source=5, target=17)),
-...                      ("blocks.29.hook_resid_post", record(store))]):
-...     logits = model(tokens)
+A thin re-export of :mod:`beyond_top1.hooks`, where they live (see its docstring). The library
+itself never imports this top-level name, so a ``hooks.py`` of your own next to a notebook cannot
+break ``import beyond_top1``.
 """
 
-from hooks._common import HookFn
-from hooks.ablate import mean_ablate, mean_activation, mean_from_stream, zero_ablate
-from hooks.compose import HookNameError, check_hook_names, fwd_hooks, patched
-from hooks.patch import copy_position, copy_positions, replace_at_positions
-from hooks.record import record, record_positions
-from hooks.replace import constant_replacement, linear_replacement, submodule_replacement
-from hooks.steer import add_vector
+import warnings as _warnings
 
-__all__ = [
-    "HookFn",
-    "HookNameError",
-    "add_vector",
-    "check_hook_names",
-    "constant_replacement",
-    "copy_position",
-    "copy_positions",
-    "fwd_hooks",
-    "linear_replacement",
-    "mean_ablate",
-    "mean_activation",
-    "mean_from_stream",
-    "patched",
-    "record",
-    "record_positions",
-    "replace_at_positions",
-    "submodule_replacement",
-    "zero_ablate",
-]
+from beyond_top1.hooks import *  # noqa: F403
+from beyond_top1.hooks import (  # noqa: F401 - deprecated names, importable for one release
+    __all__,  # noqa: F401
+    constant_replacement,
+    linear_replacement,
+    submodule_replacement,
+)
+
+_MOVED = {"mean_activation", "mean_from_stream"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:  # reference means are statistics: they moved to beyond_top1.activations
+        _warnings.warn(
+            f"hooks.{name} moved to beyond_top1.activations.{name}; the old name goes away in "
+            "the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from beyond_top1 import activations
+
+        return getattr(activations, name)
+    raise AttributeError(f"module 'hooks' has no attribute {name!r}")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+from beyond_top1.activations import mean_activation, mean_from_stream
 from hooks import (
     HookNameError,
     add_vector,
@@ -16,8 +17,6 @@ from hooks import (
     copy_positions,
     fwd_hooks,
     mean_ablate,
-    mean_activation,
-    mean_from_stream,
     patched,
     record,
     record_positions,
@@ -349,3 +348,39 @@ def test_patched_removes_its_hooks_on_error_and_keeps_user_hooks():
     assert calls == ["perma", "user"]
     model.reset_hooks(including_permanent=True)
     assert no_hooks_left(model)
+
+
+def test_the_hooks_package_stands_alone(tmp_path):
+    """``import hooks`` works in a fresh interpreter, imports nothing but itself and torch from
+    the toolkit's side, and a user's own hooks.py cannot break ``import beyond_top1``."""
+    import subprocess
+    import sys
+
+    check = (
+        "import sys, hooks, beyond_top1.hooks as h\n"
+        "assert hooks.copy_position is h.copy_position\n"
+        "toolkit = sorted(m for m in sys.modules if m.startswith('beyond_top1'))\n"
+        "assert toolkit == ['beyond_top1', 'beyond_top1.hooks'] + sorted(\n"
+        "    m for m in toolkit if m.startswith('beyond_top1.hooks.')), toolkit\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "hooks.py").write_text("raise RuntimeError('the user hooks.py was imported')\n")
+    result = subprocess.run(
+        [sys.executable, "-c", "import beyond_top1, beyond_top1.hooks; print('ok')"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_deprecated_names_warn_and_still_work(model, tokens):
+    import hooks
+    from beyond_top1.activations import mean_activation as moved
+
+    with pytest.warns(DeprecationWarning, match="beyond_top1.activations"):
+        assert hooks.mean_activation is moved
+    with pytest.warns(DeprecationWarning, match="linear_replacement_hooks"):
+        pairs = hooks.linear_replacement(RESID, RESID)
+    assert [name for name, _ in pairs] == [RESID]

@@ -10,8 +10,12 @@ from conftest import make_tiny_model
 
 from beyond_top1 import hooked
 from beyond_top1.data import tokenize, wiki_texts
+from beyond_top1.hooks import (
+    linear_replacement_hooks,
+    replace_with_constant,
+    submodule_replacement_hooks,
+)
 from beyond_top1.replacement import evaluate_replacements, fit_submodule_maps
-from hooks.replace import constant_replacement, linear_replacement, submodule_replacement
 
 TEXTS = wiki_texts(3, split="train")
 
@@ -80,14 +84,14 @@ def test_identity_and_zero_hooks_match_manual_references(tiny_ln_model):
     _, clean = hooked.run_with_activations(model, tokens, [source])
     # identity: attention's output := its (normalised) input, from the clean cache
     reference = model.run_with_hooks(tokens, fwd_hooks=[(target, lambda a, hook: clean[source])])
-    ours = model.run_with_hooks(tokens, fwd_hooks=linear_replacement(source, target))
+    ours = model.run_with_hooks(tokens, fwd_hooks=linear_replacement_hooks(source, target))
     torch.testing.assert_close(ours, reference)
     # zero: the same as zeroing W_O and b_O of that block
     ablated = copy.deepcopy(model)
     with torch.no_grad():
         ablated.blocks[layer].attn.W_O.zero_()
         ablated.blocks[layer].attn.b_O.zero_()
-    ours = model.run_with_hooks(tokens, fwd_hooks=constant_replacement(target, 0.0))
+    ours = model.run_with_hooks(tokens, fwd_hooks=[(target, replace_with_constant(0.0))])
     torch.testing.assert_close(ours, ablated(tokens), atol=1e-5, rtol=1e-5)
 
 
@@ -98,18 +102,18 @@ def test_submodule_replacement_with_true_map_of_a_linear_stage(tiny_ln_model):
     d = tiny_ln_model.cfg.d_model
     name = "blocks.1.hook_resid_mid"
     same = tiny_ln_model.run_with_hooks(
-        tokens, fwd_hooks=linear_replacement(name, name, torch.eye(d))
+        tokens, fwd_hooks=linear_replacement_hooks(name, name, torch.eye(d))
     )
     torch.testing.assert_close(same, clean)
-    scaled = linear_replacement(name, name, 2 * torch.eye(d), torch.ones(d))
+    scaled = linear_replacement_hooks(name, name, 2 * torch.eye(d), torch.ones(d))
     assert not torch.allclose(tiny_ln_model.run_with_hooks(tokens, fwd_hooks=scaled), clean)
-    hooks = submodule_replacement(0, "norm")
+    hooks = submodule_replacement_hooks(0, "norm")
     assert [n for n, _ in hooks] == ["blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized"]
 
 
 def test_output_before_input_raises(tiny_model):
     tokens = _tokens(tiny_model, TEXTS[0], 8)
-    hooks = linear_replacement("blocks.1.hook_resid_pre", "blocks.0.hook_attn_out")
+    hooks = linear_replacement_hooks("blocks.1.hook_resid_pre", "blocks.0.hook_attn_out")
     with pytest.raises(RuntimeError, match="fired before"):
         tiny_model.run_with_hooks(tokens, fwd_hooks=hooks)
 

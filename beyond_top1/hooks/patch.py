@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooks._common import (
+from beyond_top1.hooks._common import (
     HookFn,
     Key,
     as_tensor,

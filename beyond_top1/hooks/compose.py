@@ -15,8 +15,7 @@ import difflib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from beyond_top1 import hooked
-from hooks._common import HookFn
+from beyond_top1.hooks._common import HookFn
 
 
 class HookNameError(ValueError):
@@ -30,7 +29,7 @@ def _name(name) -> str | Callable[[str], bool]:
     if isinstance(name, int):
         if name < -1:
             raise HookNameError(f"layer {name}: use 0..L-1, or -1 for the embedding")
-        return hooked.resid_hook_name(name)
+        return "blocks.0.hook_resid_pre" if name == -1 else f"blocks.{name}.hook_resid_post"
     if isinstance(name, str) or callable(name):
         return name
     raise TypeError(f"a hook name must be a str, a layer int or a filter, got {name!r}")
@@ -39,7 +38,7 @@ def _name(name) -> str | Callable[[str], bool]:
 def check_hook_names(model, names: Iterable[str | Callable[[str], bool]]) -> None:
     """Raise :class:`HookNameError` for a name that is not in ``model.hook_dict`` (listing
     close matches) or a name filter that matches no hook point."""
-    available = hooked.hook_names(model)
+    available = list(model.hook_dict)
     known = set(available)
     for name in names:
         if callable(name):
@@ -51,7 +50,7 @@ def check_hook_names(model, names: Iterable[str | Callable[[str], bool]]) -> Non
         close = difflib.get_close_matches(name, available, n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise HookNameError(
-            f"{name!r} is not a hook point of {hooked.model_name(model)} "
+            f"{name!r} is not a hook point of {getattr(model.cfg, 'model_name', 'the model')} "
             f"({len(available)} hook points, listed in model.hook_dict).{hint}"
         )
 
@@ -100,7 +99,9 @@ def patched(model, fwd_hooks: Iterable[tuple] = (), bwd_hooks: Iterable[tuple] =
     """
     fwd = _pairs(fwd_hooks, model)
     bwd = _pairs(bwd_hooks, model)
-    with hooked.temporary_hooks(model, fwd, bwd) as hooked_model:
+    # TransformerLens' own context: its hooks come off at exit (also on an exception); hooks of
+    # other levels (model.add_hook, permanent ones, an outer context) stay
+    with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=True) as hooked_model:
         yield hooked_model
 
 

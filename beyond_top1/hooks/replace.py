@@ -10,9 +10,13 @@ A sub-module's input and output are read at two hook points of the same forward 
     )
     logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
 
+Because a replacement by a function of another hook's input needs two hook points, these
+factories return a list of ``(hook_name, fn)`` pairs and their names end in ``_hooks``;
+:func:`replace_with_constant` needs one point and returns one hook function.
+
 Hook names of the sub-modules of block ``l`` (TransformerLens 3.9 ``HookedTransformer``; the same
 for RMSNorm models such as SmolLM2, whose folded norms are ``RMSPre``, and for LayerNorm models
-such as GPT-2; see ``beyond_top1.hooked.submodule_hook_names``):
+such as GPT-2; :func:`submodule_hook_names`):
 
 ========  =================================  =================================
 kind      input hook                         output hook
@@ -29,18 +33,18 @@ linear map of it is still a linear map of the attention's input. ``ln1`` runs on
 the query, key and value inputs, so its hooks fire three times per pass with the same values:
 capturing keeps the last one, replacing replaces all three (the whole norm is replaced).
 
-Each factory returns a list of ``(hook_name, fn)`` pairs for ``fwd_hooks``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-HookFn = Callable[[Tensor, object], "Tensor | None"]
+from beyond_top1.hooks._common import HookFn
+
 FwdHooks = list[tuple[str, HookFn]]
 
 
@@ -49,7 +53,24 @@ def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     return out if bias is None else out + bias.to(x.device, x.dtype)
 
 
-def linear_replacement(
+SUBMODULE_KINDS = ("attn", "mlp", "norm", "norm2")
+_SUBMODULE_HOOKS = {
+    "attn": ("blocks.{layer}.ln1.hook_normalized", "blocks.{layer}.hook_attn_out"),
+    "mlp": ("blocks.{layer}.ln2.hook_normalized", "blocks.{layer}.hook_mlp_out"),
+    "norm": ("blocks.{layer}.hook_resid_pre", "blocks.{layer}.ln1.hook_normalized"),
+    "norm2": ("blocks.{layer}.hook_resid_mid", "blocks.{layer}.ln2.hook_normalized"),
+}
+
+
+def submodule_hook_names(layer: int, kind: str) -> tuple[str, str]:
+    """``(input_hook, output_hook)`` of sub-module ``kind`` of block ``layer`` (the table)."""
+    if kind not in _SUBMODULE_HOOKS:
+        raise ValueError(f"kind must be one of {SUBMODULE_KINDS}, got {kind!r}")
+    source, target = _SUBMODULE_HOOKS[kind]
+    return source.format(layer=layer), target.format(layer=layer)
+
+
+def linear_replacement_hooks(
     input_hook: str,
     output_hook: str,
     weight: Float[Tensor, "d_in d_out"] | None = None,
@@ -98,31 +119,66 @@ def linear_replacement(
     return [(input_hook, capture), (output_hook, replace)]
 
 
-def constant_replacement(output_hook: str, value: Float[Tensor, " d"] | float = 0.0) -> FwdHooks:
-    """Replace the activation at ``output_hook`` by a constant vector (``0.0``: drop it)."""
+def replace_with_constant(value: Float[Tensor, " d"] | float = 0.0) -> HookFn:
+    """Replace the activation by a constant vector (``0.0``: drop the sub-module's output).
+
+    >>> logits = model.run_with_hooks(tokens, fwd_hooks=[
+    ...     ("blocks.5.hook_attn_out", replace_with_constant(0.0)),
+    ... ])
+    """
 
     def replace(activation: Tensor, hook) -> Tensor:
         fill = torch.as_tensor(value, device=activation.device, dtype=activation.dtype)
         return fill.expand_as(activation).clone()
 
-    return [(output_hook, replace)]
+    return replace
 
 
-def submodule_replacement(
+def submodule_replacement_hooks(
     layer: int,
     kind: str,
     weight: Float[Tensor, "d_in d_out"] | None = None,
     bias: Float[Tensor, " d_out"] | None = None,
 ) -> FwdHooks:
-    """:func:`linear_replacement` for sub-module ``kind`` (``attn``, ``mlp``, ``norm``,
+    """:func:`linear_replacement_hooks` for sub-module ``kind`` (``attn``, ``mlp``, ``norm``,
     ``norm2``) of block ``layer``, with the hook names of the table above."""
-    from beyond_top1.hooked import submodule_hook_names
+    return linear_replacement_hooks(*submodule_hook_names(layer, kind), weight, bias)
 
-    return linear_replacement(*submodule_hook_names(layer, kind), weight, bias)
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(
+        f"hooks.{old} is renamed {new} (it returns a list of (name, fn) pairs); the old name "
+        "goes away in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def linear_replacement(input_hook, output_hook, weight=None, bias=None) -> FwdHooks:
+    """Deprecated name of :func:`linear_replacement_hooks`."""
+    _renamed("linear_replacement", "linear_replacement_hooks")
+    return linear_replacement_hooks(input_hook, output_hook, weight, bias)
+
+
+def submodule_replacement(layer, kind, weight=None, bias=None) -> FwdHooks:
+    """Deprecated name of :func:`submodule_replacement_hooks`."""
+    _renamed("submodule_replacement", "submodule_replacement_hooks")
+    return submodule_replacement_hooks(layer, kind, weight, bias)
+
+
+def constant_replacement(output_hook: str, value=0.0) -> FwdHooks:
+    """Deprecated: ``[(output_hook, replace_with_constant(value))]``."""
+    _renamed("constant_replacement", "[(name, replace_with_constant(value))]")
+    return [(output_hook, replace_with_constant(value))]
 
 
 __all__ = [
+    "SUBMODULE_KINDS",
     "constant_replacement",
     "linear_replacement",
+    "linear_replacement_hooks",
+    "replace_with_constant",
+    "submodule_hook_names",
     "submodule_replacement",
+    "submodule_replacement_hooks",
 ]

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from jaxtyping import Float
 from torch import Tensor
 
-from hooks._common import (
+from beyond_top1.hooks._common import (
     HookFn,
     as_tensor,
     check_layout,

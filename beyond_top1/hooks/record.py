@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-from hooks._common import HookFn, check_layout, parse_positions, read_cells, resolve
+from beyond_top1.hooks._common import HookFn, check_layout, parse_positions, read_cells, resolve
 
 
 def record(store: dict[str, Tensor], *, detach: bool = True) -> HookFn:
