@@ -33,9 +33,9 @@ _PUBLIC = {
     "load_lens": "beyond_top1.lenses",
     "evaluate_lenses": "beyond_top1.lenses.metrics",
     # one prompt
-    "top_tokens": "beyond_top1.readout",
-    "trajectory": "beyond_top1.trajectory",
-    "Trajectory": "beyond_top1.trajectory",
+    "top_tokens": "beyond_top1.prompt",
+    "trajectory": "beyond_top1.prompt",
+    "Trajectory": "beyond_top1.prompt",
     # a corpus
     "scan": "beyond_top1.scans",
     "load_scan": "beyond_top1.scans",
@@ -53,10 +53,10 @@ _PUBLIC = {
     "collect_exit_signals": "beyond_top1.early_exit",
     "simulate_exit": "beyond_top1.early_exit",
     "early_exit_curves": "beyond_top1.early_exit",
-    "generate_early_exit": "beyond_top1.generation",
+    "generate_early_exit": "beyond_top1.early_exit",
     # refinement gap and sub-module replacement
     "refinement_table": "beyond_top1.refinement",
-    "fit_submodule_maps": "beyond_top1.replacement",
+    "SubmoduleMaps": "beyond_top1.replacement",
     "evaluate_replacements": "beyond_top1.replacement",
     # views, and a helper
     "View": "beyond_top1.viz",
@@ -87,12 +87,16 @@ _MOVED = {
     "token_log_probs": ("beyond_top1.viz", "token_log_probs", "bt.views"),
     "topk_grid": ("beyond_top1.viz", "topk_grid", "bt.views"),
     "topk_tokens": ("beyond_top1.viz", "topk_tokens", "bt.views"),
-    "format_top_tokens": ("beyond_top1.readout", "format_top_tokens", "beyond_top1.readout"),
+    "format_top_tokens": ("beyond_top1.prompt", "format_top_tokens", "beyond_top1.prompt"),
     "save_lens": ("beyond_top1.lenses", "save_lens", "lens.save(path)"),
     "train_tuned_lens": ("beyond_top1.lenses", "train_tuned_lens", "bt.TunedLens.fit"),
     "TunedLensTraining": ("beyond_top1.lenses", "TunedLensTraining", "bt.lenses"),
     "Lens": ("beyond_top1.lenses", "Lens", "bt.lenses"),
-    "quality_of_fit_matrix": ("beyond_top1.lenses.metrics", "quality_of_fit_matrix", "bt.lenses"),
+    "quality_of_fit_matrix": (
+        "beyond_top1.lenses.metrics",
+        "quality_of_fit_matrix",
+        "beyond_top1.lenses.metrics",
+    ),
     "save_scan": ("beyond_top1.scans", "save_scan", "scan.save(path)"),
     "ResidualBatch": ("beyond_top1.activations", "ResidualBatch", "beyond_top1.activations"),
     "TaskDataset": ("beyond_top1.probes", "TaskDataset", "beyond_top1.probes"),
@@ -113,16 +117,20 @@ _MOVED = {
         "beyond_top1.early_exit",
     ),
     "GenerationBenchmark": (
-        "beyond_top1.generation",
+        "beyond_top1.early_exit",
         "GenerationBenchmark",
-        "beyond_top1.generation",
+        "beyond_top1.early_exit",
     ),
     "benchmark_early_exit": (
-        "beyond_top1.generation",
+        "beyond_top1.early_exit",
         "benchmark_early_exit",
-        "beyond_top1.generation",
+        "beyond_top1.early_exit",
     ),
-    "SubmoduleMaps": ("beyond_top1.replacement", "SubmoduleMaps", "beyond_top1.replacement"),
+    "fit_submodule_maps": (
+        "beyond_top1.replacement",
+        "fit_submodule_maps",
+        "bt.SubmoduleMaps.fit",
+    ),
     "Question": ("beyond_top1.refinement", "Question", "beyond_top1.refinement"),
     "make_questions": ("beyond_top1.refinement", "make_questions", "beyond_top1.refinement"),
     "read_questions": ("beyond_top1.refinement", "read_questions", "beyond_top1.refinement"),
@@ -137,6 +145,8 @@ _MOVED = {
     "ProbeFileError": ("beyond_top1.errors", "ProbeFileError", "bt.errors"),
 }
 
+_WARN_WHEN_CALLED = {"train_tuned_lens", "fit_submodule_maps"}
+
 __all__ = sorted([*_PUBLIC, *_NAMESPACES])
 
 
@@ -147,6 +157,8 @@ def __getattr__(name: str):
         value = importlib.import_module(_NAMESPACES[name])
     elif name in _MOVED:
         module, attribute, where = _MOVED[name]
+        if name in _WARN_WHEN_CALLED:  # the function warns itself: one warning, not two
+            return getattr(importlib.import_module(module), attribute)
         warnings.warn(
             f"bt.{name} moved to {where}; the top-level name goes away in the next release",
             DeprecationWarning,

@@ -147,6 +147,14 @@ def text_list(texts: Iterable[str], what: str = "texts") -> list[str]:
     return texts
 
 
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """SHA-256 over the texts (order matters): ties a scan, a probe or signals to their inputs."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    return digest.hexdigest()
+
+
 def resolve_max_len(model, max_len: int | None) -> int:
     """Tokens per text: ``max_len``, checked to lie in ``[1, n_ctx]``; ``None`` means 128 or
     the model's context if shorter."""

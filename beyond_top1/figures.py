@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from beyond_top1.fileio import write_signed_file
 from beyond_top1.lenses.metrics import LENS_METRICS
+from beyond_top1.saturation import OrderingStats, saturation_distribution
 
 METRIC_LABELS = {
     "r2": "r² to the last layer",
@@ -101,8 +102,6 @@ def save_figure(fig: Figure, path_without_suffix: str | Path) -> tuple[Path, Pat
 
 def _ordering_stats(items) -> dict[str, object]:
     """``{name: OrderingStats}`` from stats, scan results, or a dict of either."""
-    from beyond_top1.saturation import OrderingStats
-
     if not isinstance(items, dict):
         items = {"": items}
     out = {}
@@ -159,8 +158,6 @@ def plot_rank_correspondence(stats) -> Figure:
 
 def _distribution(item) -> tuple[pd.DataFrame, int, str]:
     """``(rank, layer, count, fraction)`` frame, ``L`` and which positions it covers."""
-    from beyond_top1.saturation import OrderingStats, saturation_distribution
-
     if isinstance(item, OrderingStats):
         label = f"{item.n_passing_filter} positions passing the filter"
         return item.distribution, item.n_layers, label

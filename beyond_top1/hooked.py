@@ -4,6 +4,8 @@ Analyses touch a model through hook names, ``run_with_cache``, ``ln_final``, the
 (``W_U``, ``b_U``), ``cfg`` and the tokenizer, and only through the functions here. Keeping the
 surface this small is what lets the toolkit follow TransformerLens from ``HookedTransformer``
 (3.x) to ``TransformerBridge`` (4.x), which keeps these hook names as aliases.
+``transformer_lens`` itself is imported only inside the few functions that need its classes,
+so that importing the toolkit stays fast.
 """
 
 from __future__ import annotations

@@ -11,12 +11,18 @@ Names understood by :func:`load_model`:
   GPT-2-shaped twin has a 49,152-token vocabulary instead of 50,257.
 * any other string: ``HookedTransformer.from_pretrained(name)``, for machines that reach the hub.
 * a ``HookedTransformer``: returned unchanged.
+
+``transformer_lens``, ``transformers`` and ``safetensors`` are imported inside the functions that
+use them: they take seconds to import, and ``import beyond_top1`` (views, figures, saved
+results) should not pay for them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
+import importlib.metadata as metadata
 import json
 import os
 import shutil
@@ -188,7 +194,6 @@ def known_model_names() -> list[str]:
 
 
 def _load_from_hub(name: str, *, device, dtype):
-    import difflib
 
     from transformer_lens import HookedTransformer
 
@@ -233,7 +238,6 @@ def _cache_key() -> str:
 
 
 def _dist_version(dist: str) -> str:
-    import importlib.metadata as metadata
 
     return metadata.version(dist)
 

@@ -57,6 +57,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from beyond_top1 import hooked
+from beyond_top1.runtime import has_fast_bf16
 
 PRECISIONS = ("fp32", "bf16")
 COMPILE_ENV = "BEYOND_TOP1_COMPILE"
@@ -341,16 +342,7 @@ def _bf16_gemm(device: torch.device):
     """
     if os.environ.get(BF16_ENV) == "emulate":
         return lambda x16, w16: (x16.float() @ w16.float()).to(torch.bfloat16)
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    elif device.type == "cpu":
-        try:
-            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            native = False
-    else:
-        native = False
-    return torch.matmul if native else None
+    return torch.matmul if has_fast_bf16(device) else None
 
 
 @functools.cache

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
 from beyond_top1.data import make_token_batch, split_of, tokenize, wiki_articles
+from beyond_top1.fileio import write_signed_file
 from beyond_top1.lenses import Lens, LogitLens
 from beyond_top1.saturation import saturation_layers
 
@@ -51,6 +52,7 @@ KV_QUESTION = "The code word for {key} is"
 DOCUMENT_SEPARATOR = "\n"
 QUESTION_SEPARATOR = "\n\n"
 _MAX_TRIES = 200
+QUESTIONS_FORMAT = "beyond-top1-questions"
 
 
 @dataclass(frozen=True)
@@ -292,13 +294,16 @@ def make_questions(
 
 
 def save_questions(questions: Iterable[Question], path: str | Path) -> Path:
-    """Write questions as JSONL (one question per line, prompt included for reading)."""
+    """Write questions as JSONL (one question per line, prompt included for reading),
+    atomically; an existing file is replaced only if this toolkit wrote it."""
+    lines = "".join(
+        json.dumps({**q.to_json(), "prompt": q.prompt, "format": QUESTIONS_FORMAT}) + "\n"
+        for q in questions
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for q in questions:
-            handle.write(json.dumps({**q.to_json(), "prompt": q.prompt}) + "\n")
-    return path
+    signature = json.dumps({"format": QUESTIONS_FORMAT})[1:-1].encode()
+    return write_signed_file(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"), signature)
 
 
 def load_questions(path: str | Path) -> list[Question]:
@@ -312,6 +317,7 @@ def load_questions(path: str | Path) -> list[Question]:
             continue
         record = json.loads(line)
         record.pop("prompt", None)
+        record.pop("format", None)
         try:
             questions.append(Question.from_json(record))
         except TypeError as exc:

@@ -2,7 +2,7 @@
 
 For every block ``l`` and sub-module kind (attention, MLP, normalisation), fit a least-squares
 affine map from the sub-module's input to its output over many tokens
-(:func:`fit_submodule_maps`, one streamed pass for all layers and kinds), then run the model with
+(:meth:`SubmoduleMaps.fit`, one streamed pass for all layers and kinds), then run the model with
 that one sub-module replaced by the map and score the change of the final distribution
 (:func:`evaluate_replacements`): Precision@1 of the replaced model's top-1 against the
 unmodified model's top-1 and ``KL(p_orig ‖ p_replaced)``, against baselines that drop the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +53,71 @@ class SubmoduleMaps:
     n_tokens: int
     settings: dict = field(default_factory=dict)
 
+    @classmethod
+    def fit(
+        cls,
+        model,
+        texts: Iterable[str],
+        *,
+        layers: Sequence[int] | None = None,
+        kinds: Sequence[str] = DEFAULT_KINDS,
+        bias: bool = True,
+        ridge: float = DEFAULT_RIDGE,
+        batch_size: int = 8,
+        max_len: int | None = None,
+        progress: bool = True,
+        score_first: bool = DEFAULT_SCORE_FIRST,
+    ) -> SubmoduleMaps:
+        """Fit input -> output least-squares maps of every ``(layer, kind)`` in one pass over
+        ``texts`` (every scored token is a row; see :mod:`beyond_top1.data`). ``ridge`` is
+        relative (see :mod:`beyond_top1.lenses.least_squares`); ``bias`` fits an offset (not
+        penalised). Memory: two float64 ``[layers, d+1, d]`` matrices per kind."""
+        layers, kinds = _resolve(model, layers, kinds)
+        d = hooked.d_model(model)
+        device = hooked.model_device(model)
+        names = {k: [hooked.submodule_hook_names(l, k) for l in layers] for k in kinds}
+        wanted = sorted({n for pairs in names.values() for pair in pairs for n in pair})
+        accumulators = {
+            k: LeastSquaresAccumulator(d, d, bias=bias, n_maps=len(layers), device=device)
+            for k in kinds
+        }
+        sums = {k: torch.zeros(len(layers), d, dtype=torch.float64, device=device) for k in kinds}
+        start = time.perf_counter()
+        total = len(texts) if hasattr(texts, "__len__") else None
+        bar = tqdm(total=total, unit="text", desc="fit", disable=not progress, leave=False)
+        batches = iter_token_batches(
+            model, texts, batch_size=batch_size, max_len=max_len, score_first=score_first
+        )
+        for batch in batches:
+            bar.update(len(batch.text_ids))
+            _, acts = hooked.run_with_activations(model, batch.tokens.to(device), wanted)
+            rows, cols = batch.scored.to(device).nonzero(as_tuple=True)
+            for kind in kinds:
+                x = torch.stack([acts[src][rows, cols] for src, _ in names[kind]], dim=1)
+                y = torch.stack([acts[tgt][rows, cols] for _, tgt in names[kind]], dim=1)
+                accumulators[kind].update(x, y)
+                sums[kind] += y.sum(0, dtype=torch.float64)
+            del acts
+        bar.close()
+        n_tokens = accumulators[kinds[0]].n_tokens
+        if n_tokens == 0:
+            raise ValueError("the texts have no scored tokens to fit on")
+        weight, offset, mean = {}, {}, {}
+        for kind in kinds:
+            w, b = accumulators[kind].solve(ridge)
+            weight[kind] = w
+            offset[kind] = b if b is not None else torch.zeros_like(sums[kind])
+            mean[kind] = sums[kind] / n_tokens
+        settings = {
+            "ridge": ridge,
+            "bias": bias,
+            "n_tokens": n_tokens,
+            "max_len": max_len or min(DEFAULT_MAX_LEN, hooked.n_ctx(model)),
+            "score_first": bool(score_first),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        return cls(layers, kinds, weight, offset, mean, n_tokens, settings)
+
     def hooks(self, layer: int, kind: str, variant: str = "fit") -> FwdHooks:
         """``fwd_hooks`` replacing sub-module ``kind`` of block ``layer`` by ``variant``."""
         if kind not in self.kinds:
@@ -84,73 +150,6 @@ def _resolve(model, layers, kinds) -> tuple[tuple[int, ...], tuple[str, ...]]:
             raise ValueError(f"kind must be one of {hooked.SUBMODULE_KINDS}, got {kind!r}")
     hooked.check_submodule_layout(model, kinds)
     return layers, kinds
-
-
-def fit_submodule_maps(
-    model,
-    texts: Iterable[str],
-    *,
-    layers: Sequence[int] | None = None,
-    kinds: Sequence[str] = DEFAULT_KINDS,
-    bias: bool = True,
-    ridge: float = DEFAULT_RIDGE,
-    batch_size: int = 8,
-    max_len: int | None = None,
-    progress: bool = True,
-    score_first: bool = DEFAULT_SCORE_FIRST,
-) -> SubmoduleMaps:
-    """Fit input -> output least-squares maps of every ``(layer, kind)`` in one pass over texts.
-
-    Every scored token (no padding, not position 0 unless ``score_first``; see
-    :mod:`beyond_top1.data`) of every text is one row. ``ridge`` is relative (see
-    :mod:`beyond_top1.lenses.least_squares`); ``bias`` fits an offset (not penalised).
-    Memory: two float64 ``[layers, d+1, d]`` matrices per kind.
-    """
-    layers, kinds = _resolve(model, layers, kinds)
-    d = hooked.d_model(model)
-    device = hooked.model_device(model)
-    names = {k: [hooked.submodule_hook_names(l, k) for l in layers] for k in kinds}
-    wanted = sorted({n for pairs in names.values() for pair in pairs for n in pair})
-    accumulators = {
-        k: LeastSquaresAccumulator(d, d, bias=bias, n_maps=len(layers), device=device)
-        for k in kinds
-    }
-    sums = {k: torch.zeros(len(layers), d, dtype=torch.float64, device=device) for k in kinds}
-    start = time.perf_counter()
-    total = len(texts) if hasattr(texts, "__len__") else None
-    bar = tqdm(total=total, unit="text", desc="fit", disable=not progress, leave=False)
-    batches = iter_token_batches(
-        model, texts, batch_size=batch_size, max_len=max_len, score_first=score_first
-    )
-    for batch in batches:
-        bar.update(len(batch.text_ids))
-        _, acts = hooked.run_with_activations(model, batch.tokens.to(device), wanted)
-        rows, cols = batch.scored.to(device).nonzero(as_tuple=True)
-        for kind in kinds:
-            x = torch.stack([acts[src][rows, cols] for src, _ in names[kind]], dim=1)
-            y = torch.stack([acts[tgt][rows, cols] for _, tgt in names[kind]], dim=1)
-            accumulators[kind].update(x, y)
-            sums[kind] += y.sum(0, dtype=torch.float64)
-        del acts
-    bar.close()
-    n_tokens = accumulators[kinds[0]].n_tokens
-    if n_tokens == 0:
-        raise ValueError("the texts have no scored tokens to fit on")
-    weight, offset, mean = {}, {}, {}
-    for kind in kinds:
-        w, b = accumulators[kind].solve(ridge)
-        weight[kind] = w
-        offset[kind] = b if b is not None else torch.zeros_like(sums[kind])
-        mean[kind] = sums[kind] / n_tokens
-    settings = {
-        "ridge": ridge,
-        "bias": bias,
-        "n_tokens": n_tokens,
-        "max_len": max_len or min(DEFAULT_MAX_LEN, hooked.n_ctx(model)),
-        "score_first": bool(score_first),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    return SubmoduleMaps(layers, kinds, weight, offset, mean, n_tokens, settings)
 
 
 class _Sums:
@@ -188,6 +187,17 @@ class _Reference:
         sums.n += int(logits.shape[0])
         sums.ce += self.cross_entropy(log_probs)
         sums.n_ce += int(self.has_next.sum())
+
+
+def fit_submodule_maps(model, texts: Iterable[str], **kwargs) -> SubmoduleMaps:
+    """Deprecated: ``SubmoduleMaps.fit(model, texts, ...)``."""
+    warnings.warn(
+        "fit_submodule_maps(...) is now SubmoduleMaps.fit(...); the old name goes away in the "
+        "next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return SubmoduleMaps.fit(model, texts, **kwargs)
 
 
 def evaluate_replacements(

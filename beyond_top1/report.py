@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
+
+from beyond_top1.fileio import atomic_write_text
+from beyond_top1.viz import VIEW_STYLE, bundle_script
 
 _STYLE = """<style>
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#222;
@@ -223,8 +227,6 @@ class Report:
         return section
 
     def html(self) -> str:
-        from beyond_top1.viz import VIEW_STYLE, bundle_script
-
         needs_bundle = any(s.has_views for s in self.sections)
         nav = " ".join(f'<a href="#{s.anchor}">{_escape(s.title)}</a>' for s in self.sections)
         sub = f'<div class="bt-meta">{_escape(self.subtitle)}</div>' if self.subtitle else ""
@@ -239,8 +241,6 @@ class Report:
 
     def save(self, path: str | Path) -> Path:
         """Write the page atomically; return its path."""
-        from beyond_top1.fileio import atomic_write_text
-
         return atomic_write_text(path, self.html())
 
 
@@ -265,8 +265,6 @@ VERSION_PACKAGES = (
 
 def environment() -> dict:
     """Python, platform, package versions, CPU/threads and the git commit (when known)."""
-    import torch
-
     versions = {}
     for name in VERSION_PACKAGES:
         try:

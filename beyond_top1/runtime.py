@@ -1,4 +1,5 @@
-"""How many CPU threads torch uses: one context manager for the library, CLI and experiments."""
+"""What the hardware offers: CPU threads (one context manager for the library, CLI and
+experiments) and whether a device has a fast bf16 matrix multiply."""
 
 from __future__ import annotations
 
@@ -59,4 +60,18 @@ def threads(setting: int | str | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
-__all__ = ["auto_threads", "resolve_threads", "threads"]
+def has_fast_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (CUDA with bf16, or a CPU with
+    AVX-512 BF16/AMX). Elsewhere a bf16 GEMM is emulated and ~100x slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+__all__ = ["auto_threads", "has_fast_bf16", "resolve_threads", "threads"]

@@ -1,7 +1,9 @@
 """Cached, resumable pipeline stages: one folder per stage, a done marker holding its settings.
 
 :meth:`Stages.run` runs ``fn(folder) -> metrics`` for a named stage unless that stage already
-finished with the same settings:
+finished with the same settings. A stage's settings are its task's typed config (a frozen
+dataclass of :mod:`beyond_top1.tasks`), the identity of the model it reads and the fingerprints
+of the stages it depends on:
 
 * ``<root>/<name>/done.json`` holds the settings, their fingerprint, the stage's metrics (a small
   JSON dict), its status and its duration. It is written atomically and last, so a stage that
@@ -20,6 +22,7 @@ finished with the same settings:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -29,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from beyond_top1.fileio import atomic_write_json, to_jsonable
+from beyond_top1.tasks.common import AnalysisUnavailable
 
 DONE_FILE = "done.json"
 STARTED_FILE = "started.json"
 
 
-class StageUnavailable(Exception):
-    """Raised by a stage function when its analysis cannot run on this data (says why)."""
+# Raised by a stage function when its analysis cannot run on this data (says why).
+StageUnavailable = AnalysisUnavailable
 
 
 def fingerprint(settings: Mapping) -> str:
@@ -52,9 +56,17 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _changed_keys(old: Mapping, new: Mapping) -> list[str]:
+def _changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """The keys whose values differ, ``config.field`` for a config's fields."""
     old, new = to_jsonable(old), to_jsonable(new)
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key == "config":
+            out += _changed_keys(a, b, f"{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 @dataclass
@@ -113,16 +125,22 @@ class Stages:
     def run(
         self,
         name: str,
-        settings: Mapping,
+        config,
         fn: Callable[[Path], Mapping | None],
         *,
+        identity: Mapping | None = None,
         after: Iterable[StageRecord] = (),
         describe: str = "",
     ) -> StageRecord:
-        """Run stage ``name`` (or skip it when finished with the same settings)."""
+        """Run stage ``name`` (or skip it when finished with the same ``config``, model
+        ``identity`` and upstream stages)."""
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"a stage name must be a plain folder name, got {name!r}")
-        effective = dict(to_jsonable(settings))
+        if not dataclasses.is_dataclass(config) or isinstance(config, type):
+            raise TypeError(f"a stage's config must be a dataclass instance, got {config!r}")
+        effective = dict(to_jsonable(dict(identity or {})))
+        effective["task"] = type(config).__name__
+        effective["config"] = to_jsonable(dataclasses.asdict(config))
         upstream = {rec.name: rec.fingerprint for rec in after}
         if upstream:
             effective["after"] = upstream

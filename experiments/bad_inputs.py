@@ -10,6 +10,7 @@ printed, and whether any file of the user's changed or vanished.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import shutil
@@ -40,6 +41,10 @@ def seed_user_files(root: Path) -> None:
     (root / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "The cat sat on the mat."}\n')
     (root / "empty_line.jsonl").write_text('{"text": "fine"}\n{"text": "  "}\n')
     (root / "a_file").write_text("mine\n")
+    sentences = [
+        f"Sentence number {i} of a longer file, about the history of town {i}." for i in range(40)
+    ]
+    (root / "many.txt").write_text("\n".join(sentences) + "\n")
 
 
 def cli(*args: str, cwd: Path, interrupt_after: float | None = None):
@@ -60,6 +65,35 @@ def cli(*args: str, cwd: Path, interrupt_after: float | None = None):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=300)
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def held(lock: Path) -> bool:
+    """Whether another process holds the folder's lock (the file may outlive its holder)."""
+    if not lock.exists():
+        return False
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def two_writers(scan: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A second ``--resume`` on the folder while a first one is running: the second's result."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, "-m", "beyond_top1", *scan, "--resume"]
+    first = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lock = cwd / "runs" / "interrupted" / ".beyond-top1.lock"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not held(lock):
+        time.sleep(0.1)
+    second = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=300)
+    return second
 
 
 CASES = [
@@ -149,9 +183,12 @@ def main(argv=None) -> None:
         rows.append((name, result, before, snapshot(root)))
     # Ctrl-C during a scan, then --resume; two writers on one folder
     before = snapshot(root)
-    scan = ["scan", "--texts-file", "texts.txt", "--out", "runs/interrupted", "--batch-size",
+    scan = ["scan", "--texts-file", "many.txt", "--out", "runs/interrupted", "--batch-size",
             "1", "--k", "3", *MODEL]  # fmt: skip
-    rows.append(("Ctrl-C during a scan", cli(*scan, cwd=root, interrupt_after=0.5), before,
+    rows.append(("Ctrl-C during a scan (after its first shard)",
+                 cli(*scan, cwd=root, interrupt_after=0.5), before, snapshot(root)))  # fmt: skip
+    before = snapshot(root)
+    rows.append(("a second writer while --resume runs", two_writers(scan, root), before,
                  snapshot(root)))  # fmt: skip
     before = snapshot(root)
     rows.append(("... then the same command with --resume", cli(*scan, "--resume", cwd=root),
@@ -163,8 +200,12 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|",
     ]
     for name, result, before, after in rows:
-        message = (result.stderr.strip().splitlines() or result.stdout.strip().splitlines()
-                   or [""])[-1 if result.returncode == 0 else 0]  # fmt: skip
+        if result.returncode == 0:  # what it printed, not its progress bars
+            message = (result.stdout.strip().splitlines() or [""])[0]
+        else:  # the tool's own line (progress bars end in carriage returns)
+            lines = result.stderr.replace("\r", "\n").splitlines()
+            ours = [line for line in lines if line.startswith("beyond-top1")]
+            message = (ours or [line for line in lines if line.strip()] or [""])[0]
         lost = [k for k in before if before[k] != after.get(k)]
         lines.append(
             f"| {name} | {result.returncode} | {message[:160].replace('|', '/')} | "

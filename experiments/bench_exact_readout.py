@@ -24,6 +24,7 @@ import torch
 
 import beyond_top1 as bt
 from beyond_top1 import ranking
+from beyond_top1.stats import saturation_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "0c531db"  # main before issue 12
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
         "rows_read_whole": new.n_fallback_rows,
         "rows_whose_top_k_differs_from_baseline": int((new.top_ids != old.top_ids).any(-1).sum()),
         "positions_whose_s_differs_from_baseline": int(
-            (bt.saturation_layers(new.top_ids) != bt.saturation_layers(old.top_ids)).any(-1).sum()
+            (saturation_layers(new.top_ids) != saturation_layers(old.top_ids)).any(-1).sum()
         ),
     }
     print(json.dumps(summary, indent=1))

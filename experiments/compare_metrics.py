@@ -7,6 +7,11 @@ settings, are compared; exits 1 and lists every difference when they differ. How
 records its own settings may change with the code, so those differences are listed apart and
 do not fail the comparison.
 
+One move is expected: scans no longer compute 001's ordering statistics when they are saved
+(the ``ordering`` stage does, once), so ``scan-<model>.metrics.ordering`` exists only before.
+Those values are checked against the ``ordering`` stage's ``ordering.csv`` of the after run
+(next to its ``metrics.json``): equal values pass, any difference fails.
+
     python experiments/compare_metrics.py runs/before/metrics.json runs/after/metrics.json
 """
 
@@ -16,6 +21,11 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
+
+import pandas as pd
+
+from beyond_top1.reproduce import slug
 
 # keys whose values are timings, speeds, environment or run bookkeeping, at any depth
 IGNORED = {
@@ -63,6 +73,31 @@ def differences(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} before, {b!r} after"]
 
 
+def moved_ordering(before: dict, after_metrics: Path) -> tuple[list[str], list[str]]:
+    """Check each scan stage's old ``ordering`` entry against the after run's ordering.csv:
+    ``(paths checked and equal, differences)``."""
+    table_path = after_metrics.parent / "stages" / "ordering" / "ordering.csv"
+    table = pd.read_csv(table_path) if table_path.is_file() else None
+    checked, found = [], []
+    for name, stage in before["stages"].items():
+        old = stage.get("metrics", {}).get("ordering")
+        if not name.startswith("scan-") or old is None:
+            continue
+        where = f"stages.{name}.metrics.ordering"
+        rows = None if table is None else table[[slug(m) == name[5:] for m in table["model"]]]
+        if rows is None or len(rows) != 1:
+            found.append(f"{where}: no row for this scan in {table_path}")
+            continue
+        row = {k: v.item() if hasattr(v, "item") else v for k, v in rows.iloc[0].items()}
+        diff = [d for key, value in old.items() for d in differences(value, row.get(key), key)]
+        if diff:
+            found += [f"{where}.{d}" for d in diff]
+        else:
+            checked.append(f"{where}: {len(old)} values, equal to {table_path.name}")
+        stage["metrics"].pop("ordering")
+    return checked, found
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("before")
@@ -84,7 +119,10 @@ def main(argv=None) -> int:
     for run in (before, after):
         for stage in run["stages"].values():
             stage.pop("settings", None)
-    found = differences(before, after)
+    moved, found = moved_ordering(before, Path(args.after))
+    for line in moved:
+        print(f"moved to the ordering stage: {line}")
+    found += differences(before, after)
     for line in found:
         print(line)
     print(f"{len(found)} difference(s) outside timings, environment and fingerprints")

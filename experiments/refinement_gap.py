@@ -1,25 +1,33 @@
 """Refinement gap vs. evidence position (paper 003) on the default model.
 
-For a seeded multi-document probe set (key-value retrieval by default, see
+The refinement task: for a seeded multi-document probe set (key-value retrieval by default, see
 ``beyond_top1.refinement``), answer every prompt and, for each correctly answered one, find the
 first layer where the answer is top-1 under the lens, the layer from which it stays top-1 (s_1)
 and their gap; tabulate accuracy and gap per number of documents N and relevant position.
 
     PYTHONPATH=. nice -n 10 python experiments/refinement_gap.py --out /work/runs/refine/gap
 
-Writes ``questions.jsonl`` (the probe set; pass it back with ``--questions`` to rerun on the same
-prompts), ``per_prompt.csv``, ``table.csv`` (lens × N × position), ``table_where.csv`` (lens × N ×
-first/middle/last), ``summary.json`` and ``figures/refinement_gap_<lens>.{png,svg}``.
+Writes the task's files: ``questions.jsonl`` (the probe set; the same options give the same
+questions, and ``--questions`` reuses a saved one), ``answers.csv`` (one row per prompt and
+lens), ``refinement.csv`` (lens × N × position) and ``figures/refinement_<lens>.{png,svg}``;
+and ``refinement_where.csv`` (lens × N × first/middle/last), ``summary.json`` and, when fitted
+here, ``linear_lens/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
-import torch
+from beyond_top1.fileio import OutputFolder
+from beyond_top1.lenses import lens_set
+from beyond_top1.models import load_model
+from beyond_top1.refinement import refinement_table
+from beyond_top1.runtime import threads
+from beyond_top1.tasks import TextSpec, lens_fit, refinement
+
+COLUMNS = ["lens", "n_docs", "position", "n_prompts", "n_correct", "accuracy", "first_mean"]
+COLUMNS += ["s1_mean", "gap_mean", "gap_se", "frac_gap_positive"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,93 +41,69 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--positions", default="5", help="'all' or the number of evenly spaced positions"
     )
     parser.add_argument("--split", default="val", help="Wikipedia split of the documents")
-    parser.add_argument("--questions", help="a questions.jsonl to reuse instead of generating")
+    parser.add_argument(
+        "--questions", help="a questions.jsonl of an earlier run, to reuse its prompts"
+    )
     parser.add_argument("--linear-lens", help="a saved linear-shortcut lens (else fit one)")
     parser.add_argument("--fit-texts", type=int, default=200, help="train texts (0: no linear)")
     parser.add_argument("--tuned-lens", help="a saved tuned lens to add (optional)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return args
+
+
+def load_lenses(model, args, folder: OutputFolder, timings: dict) -> dict:
+    linear = args.linear_lens
+    if not linear and args.fit_texts:
+        start = time.perf_counter()
+        texts = TextSpec(split="train", stop=args.fit_texts, seed=args.seed)
+        config = lens_fit.LensFitConfig("linear", texts, batch_size=args.batch_size)
+        linear = lens_fit.run(model, config, folder.claim("linear_lens"))
+        timings["fit_linear_s"] = round(time.perf_counter() - start, 1)
+    return lens_set(model, linear=linear, tuned=args.tuned_lens)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import beyond_top1 as bt
-    from beyond_top1.figures import plot_refinement_gap, save_figure
-    from beyond_top1.refinement import (
-        load_questions,
-        make_questions,
-        read_questions,
-        refinement_table,
-        save_questions,
+    folder = OutputFolder(args.out, refinement.KIND)  # checked before any work
+    config = refinement.RefinementConfig(
+        n_items=args.n_items,
+        n_docs=tuple(args.n_docs),
+        positions=None if args.positions == "all" else int(args.positions),
+        task=args.task,
+        split=args.split,
+        questions=args.questions,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    model = bt.load_model(args.model)
-    if args.questions:
-        questions = load_questions(args.questions)
-    else:
-        positions = None if args.positions == "all" else int(args.positions)
-        questions = make_questions(
-            model,
-            n_docs=args.n_docs,
-            n_items=args.n_items,
-            positions=positions,
-            task=args.task,
-            split=args.split,
-            seed=args.seed,
-        )
-    save_questions(questions, out / "questions.jsonl")
-    lenses = {"logit": bt.LogitLens(model)}
-    timings = {}
-    if args.linear_lens:
-        lenses["linear"] = bt.load_lens(args.linear_lens, model)
-    elif args.fit_texts:
+    start, timings = time.perf_counter(), {}
+    with threads(args.threads), folder:
+        model = load_model(args.model)
+        lenses = load_lenses(model, args, folder, timings)
         t0 = time.perf_counter()
-        texts = bt.wiki_texts(args.fit_texts, split="train", seed=args.seed)
-        lenses["linear"] = bt.LinearShortcutLens.fit(
-            model, texts, description=f"wiki_texts({args.fit_texts}, split='train')"
-        )
-        lenses["linear"].save(out / "linear_lens")
-        timings["fit_linear_s"] = round(time.perf_counter() - t0, 1)
-    if args.tuned_lens:
-        lenses["tuned"] = bt.load_lens(args.tuned_lens, model)
-    t0 = time.perf_counter()
-    frame = read_questions(model, questions, lenses, batch_size=args.batch_size)
-    timings["read_s"] = round(time.perf_counter() - t0, 1)
-    frame.to_csv(out / "per_prompt.csv", index=False)
-    table = refinement_table(frame)
-    table.to_csv(out / "table.csv", index=False)
-    by_where = refinement_table(frame, by=("n_docs", "where"))
-    by_where.to_csv(out / "table_where.csv", index=False)
-    for name in lenses:
-        save_figure(
-            plot_refinement_gap(table, lens=name), out / "figures" / f"refinement_gap_{name}"
-        )
-    timings["total_s"] = round(time.perf_counter() - start, 1)
-    first = frame[frame["lens"] == "logit"]
-    summary = {
-        "model": args.model,
-        "task": questions[0].task,
-        "n_questions": len(questions),
-        "n_correct": int(first["correct"].sum()),
-        "accuracy": float(first["correct"].mean()),
-        "closed_book_accuracy": float(first["closed_book_correct"].mean()),
-        "lenses": list(lenses),
-        "args": vars(args),
-        "timings": timings,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    columns = ["lens", "n_docs", "position", "n_prompts", "n_correct", "accuracy"]
-    columns += ["first_mean", "s1_mean", "gap_mean", "gap_se", "frac_gap_positive"]
-    print(table[columns].round(3).to_string(index=False))
+        answers = refinement.run(model, config, folder, lenses)
+        timings["read_s"] = round(time.perf_counter() - t0, 1)
+        by_where = refinement_table(answers, by=("n_docs", "where"))
+        folder.write_csv("refinement_where.csv", by_where)
+        timings["total_s"] = round(time.perf_counter() - start, 1)
+        first = answers[answers["lens"] == "logit"]
+        summary = {
+            "model": args.model,
+            "task": args.task,
+            **refinement.headline(answers),
+            "n_correct": int(first["correct"].sum()),
+            "closed_book_accuracy": float(first["closed_book_correct"].mean()),
+            "lenses": list(lenses),
+            "args": vars(args),
+            "timings": timings,
+        }
+        folder.write_json("summary.json", summary)
+    _, table = refinement.load(folder.path)
+    print(table[COLUMNS].round(3).to_string(index=False))
     print(by_where.round(3).to_string(index=False))
-    print(json.dumps(timings))
+    print(timings)
     return 0
 
 

@@ -27,13 +27,13 @@ from matplotlib.figure import Figure  # noqa: E402
 
 import beyond_top1 as bt  # noqa: E402
 from beyond_top1.figures import save_figure  # noqa: E402
-from beyond_top1.lenses.tuned import train_tuned_lens  # noqa: E402
+from beyond_top1.models import DEFAULT_MODEL  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="/work/runs/lenses/init")
-    parser.add_argument("--model", default=bt.DEFAULT_MODEL)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--n-train", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=300.0, help="seconds per init")
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
         settings.update(max_len=32, n_init_texts=16, n_heldout_texts=4, tokens_per_layer=64)
     histories = {}
     for init in ("linear", "zero"):
-        lens, history = train_tuned_lens(model, texts, init=init, progress=False, **settings)
+        lens = bt.TunedLens.fit(model, texts, init=init, progress=False, **settings)
+        history = lens.training_history
         history.to_csv(out / f"history_{init}.csv", index=False)
         histories[init] = history
         run = lens.training_settings

@@ -1,6 +1,6 @@
 """Wall time of the tuned lens at its default settings, and whether it equals a saved one.
 
-Trains ``train_tuned_lens`` with ``TunedLensTraining()`` (seed 0) on the same train texts as
+Trains ``TunedLens.fit`` with ``TunedLensTraining()`` (seed 0) on the same train texts as
 ``experiments/lenses.py`` and, with ``--compare DIR``, reports the largest weight difference to
 the lens saved there (0.0: the same lens, so that lens' evaluation applies to this run).
 
@@ -28,13 +28,12 @@ def main(argv=None) -> int:
     import torch
 
     import beyond_top1 as bt
+    from beyond_top1.lenses import TunedLensTraining
 
     model = bt.load_model(args.model)
     train = bt.wiki_texts(args.n_train, split="train", seed=0)
     start = time.perf_counter()
-    lens, _ = bt.train_tuned_lens(
-        model, train, settings=bt.TunedLensTraining(seed=0), progress=False
-    )
+    lens = bt.TunedLens.fit(model, train, settings=TunedLensTraining(seed=0), progress=False)
     run = lens.training_settings
     report = {
         "wall_s": round(time.perf_counter() - start, 1),

@@ -13,24 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import beyond_top1 as bt
-from beyond_top1 import browser, viz
+from beyond_top1 import viz
 from beyond_top1.figures import (
     plot_ordering_comparison,
     plot_rank_correspondence,
     plot_saturation_histograms,
     save_figure,
 )
+from beyond_top1.models import DEFAULT_MODEL
+
+# The headless-Chromium helper is test tooling, not part of the library.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import browser  # noqa: E402, I001
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=bt.DEFAULT_MODEL)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--texts", type=int, default=24, help="validation texts to scan")
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--k", type=int, default=5)

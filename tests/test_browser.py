@@ -1,6 +1,6 @@
 """Saved views opened in real headless Chromium, offline (run: ``pytest -m browser``).
 
-Chromium runs with its network closed (``beyond_top1.browser.OFFLINE_FLAGS``). The tests read
+Chromium runs with its network closed (``tests/browser.py``: ``OFFLINE_FLAGS``). The tests read
 the rendered DOM: each CircuitsVis mount point must hold the elements and the token text the
 component draws (scripts excluded, so the props embedded in the page do not count), and a hover
 must show the component's tooltip. A CDN page, which needs the network, is the negative control.
@@ -8,11 +8,12 @@ must show the component's tooltip. A CDN page, which needs the network, is the n
 
 from __future__ import annotations
 
+import browser
 import numpy as np
 import pytest
 
 import beyond_top1 as bt
-from beyond_top1 import browser, viz
+from beyond_top1 import viz
 
 pytestmark = pytest.mark.browser
 

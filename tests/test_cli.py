@@ -83,7 +83,7 @@ def test_scan_and_order_commands(converted, tmp_path):
 def test_texts_file_is_read_whole_unless_n_texts_is_given(tmp_path):
     import argparse
 
-    from beyond_top1.cli_args import add_text_args, texts_from_args, texts_source
+    from beyond_top1.cli.args import add_text_args, text_spec_from_args, texts_from_args
 
     path = tmp_path / "texts.txt"
     path.write_text("one\ntwo\nthree\n")
@@ -91,7 +91,7 @@ def test_texts_file_is_read_whole_unless_n_texts_is_given(tmp_path):
     add_text_args(parser, n_texts=2, split="val")
     args = parser.parse_args(["--texts-file", str(path)])
     assert texts_from_args(args) == ["one", "two", "three"]
-    assert texts_source(args, 3) == f"{path} (first 3)"
+    assert text_spec_from_args(args).describe() == f"{path} (all)"
     args = parser.parse_args(["--texts-file", str(path), "--n-texts", "2"])
     assert texts_from_args(args) == ["one", "two"]
     args = parser.parse_args([])

@@ -30,7 +30,24 @@ def test_early_exit_arguments_parse():
     )
     assert args.mode == "generate" and args.criterion == "probe_conf" and args.theta == 0.8
     args = build_parser().parse_args(["early-exit", "simulate", "--out", "x"])
-    assert args.precision == "fp32" and args.m == 6 and args.linear_lens is None
+    assert args.precision == "fp32" and args.m is None and args.linear_lens is None
+
+
+def test_a_simulation_with_nothing_to_score_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    from conftest import make_tiny_model
+
+    from beyond_top1.cli import main
+
+    model = make_tiny_model(n_layers=4, d_model=16, seed=0)
+    monkeypatch.setattr("beyond_top1.models.load_model", lambda *args, **kwargs: model)
+    texts = tmp_path / "one.txt"
+    texts.write_text("Hi\n")  # one token: no scored position with a next token
+    code = main(
+        ["early-exit", "simulate", "--texts-file", str(texts), "--out", str(tmp_path / "o")]
+    )
+    last = capsys.readouterr().err.split("\r")[-1]  # after the progress bar
+    assert code == 2 and last.startswith("beyond-top1 early-exit: error: early exit:")
+    assert "Traceback" not in last and len(last.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

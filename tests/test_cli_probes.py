@@ -61,20 +61,35 @@ def test_probe_then_intervene_in_process(tiny_cli, tmp_path, capsys):
     assert "probe_moved_1_to_2" in by_offset.columns
     assert (out / "figures" / "intervention_success.svg").is_file()
     assert "d >= 0" in capsys.readouterr().out
-    # a scan of other texts is refused with a clear message
+    # a scan keeps its texts: the text arguments are not needed with --scan
     code = main(
-        ["intervene", *ARGS, "--seed", "3", "--scan", str(probe_dir / "scan"), "--out",
+        ["intervene", "--seed", "3", "--scan", str(probe_dir / "scan"), *iv, "--out",
          str(tmp_path / "other")]
     )  # fmt: skip
-    assert code == 2
-    assert "same texts" in capsys.readouterr().err
+    assert code == 0, capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "other" / "by_offset.csv")["d"].tolist() == [-1, 0, 1]
     # the scan left in --out is reused only with the arguments it was made with
     args = ["--k", "2", "--folds", "2", "--out", str(probe_dir)]
     code = main(["probe", *ARGS, "--scan-k", "4", *args])
     assert code == 2
     err = capsys.readouterr().err
-    assert "(k differ)" in err and "another --out" in err
+    assert "(k differ)" in err and "a new folder" in err
     assert main(["probe", *ARGS, "--scan-k", "3", *args]) == 0, capsys.readouterr().err
+
+
+def test_probe_without_the_shuffled_baseline_and_with_a_held_out_half(tiny_cli, tmp_path, capsys):
+    out = tmp_path / "probe"
+    args = ["--n-tasks", "2", "--scan-k", "3", "--folds", "2", "--no-shuffled", "--held-out"]
+    code = main(["probe", *ARGS, *args, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "balanced accuracy" in printed and "shuffled" not in printed
+    cv = json.loads((out / "cv.json").read_text())
+    assert cv["cv"]["k"] == 2
+    assert not any("shuffled" in key for key in cv["cv"])
+    folds = pd.read_csv(out / "cv_folds.csv")
+    assert len(folds) == 2 and not any("shuffled" in c for c in folds.columns)
+    assert (out / "probe_heldout.safetensors").is_file()
 
 
 @pytest.mark.slow

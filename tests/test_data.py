@@ -14,7 +14,7 @@ import torch
 import beyond_top1 as bt
 from beyond_top1 import data
 from beyond_top1.activations import stream_residuals
-from beyond_top1.readout import prompt_residuals
+from beyond_top1.prompt import prompt_residuals
 
 
 def test_split_is_a_stable_function_of_the_title():

@@ -463,7 +463,6 @@ def test_a_fitted_task_probe_plugs_into_the_probe_criterion(tiny_model):
     """The real TaskProbe (branch probes) through the duck-typed interface."""
     from beyond_top1 import hooked
     from beyond_top1.data import tokenize
-    from beyond_top1.early_exit import probe_predict
     from beyond_top1.probes import TaskProbe
 
     text = "The cat sat on the mat, and then it slept."
@@ -478,7 +477,7 @@ def test_a_fitted_task_probe_plugs_into_the_probe_criterion(tiny_model):
     scored = resid[1:-1]  # not position 0 (the sink), not the last (no gold)
     expected = probe.predict(scored.reshape(-1, resid.shape[-1]).numpy()).reshape(-1, L)
     assert signals.probe_task.tolist() == expected.tolist()
-    assert probe_predict(probe, resid[0]).tolist() == probe.predict(resid[0].numpy()).tolist()
+    assert probe.predict_resid(resid[0]).tolist() == probe.predict(resid[0].numpy()).tolist()
     r = simulate_exit(signals, "probe", "logit")
     assert r.exit_layer.tolist() == first_firing_layer(expected >= 2).tolist()
     proba = probe.predict_proba(scored.reshape(-1, resid.shape[-1]).numpy())
@@ -539,3 +538,18 @@ def test_bf16_margins_stay_within_the_tolerance_of_fp32(smollm2, monkeypatch):
     gap = np.abs(bf16.margin["logit"].astype(np.float64) - fp32.margin["logit"])
     assert gap.max() <= MARGIN_TOLERANCE + 1e-6
     assert bf16.settings["positions_reread_in_fp32"] > 0
+
+
+def test_a_scan_of_named_lenses_keeps_their_names_and_kinds(tiny_model, tiny_signals):
+    from beyond_top1.early_exit import ExitSignals
+    from beyond_top1.scans import scan
+
+    _, texts, lenses, _ = tiny_signals
+    named = {"first": lenses["linear"], "second": lenses["logit"]}
+    result = scan(tiny_model, texts, lens=named, k=2, lens_source="given", progress=False)
+    assert result.lens_names == ("first", "second")
+    alone = scan(tiny_model, texts, lens=lenses["linear"], k=2, progress=False)
+    np.testing.assert_array_equal(result.lens_arrays("first")["top_ids"], alone.top_ids)
+    signals = ExitSignals.from_scan(result)
+    assert signals.lenses == ("first", "second")
+    assert signals.settings["lenses"] == {"first": "linear", "second": "logit"}

@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny_model
 
 from beyond_top1 import hooked
-from beyond_top1.generation import (
+from beyond_top1.early_exit import (
     FixedLayerExit,
     LayerState,
     MarginExit,
@@ -220,7 +220,7 @@ def test_benchmark_with_a_never_firing_criterion_agrees_fully(tiny_model):
 
 
 def test_probe_exit_uses_the_probe_on_the_new_token(small_model):
-    from beyond_top1.generation import ProbeExit
+    from beyond_top1.early_exit import ProbeExit
 
     class SaysSettled:
         def __init__(self):

@@ -233,7 +233,7 @@ def test_intervene_end_to_end(rms_model, small_scan, tmp_path):
     pairs = find_pairs(scan, delta=2, max_pairs=10, seed=0)
     assert len(pairs) >= 5
     result = intervene(
-        rms_model, scan, texts, pairs=pairs, offsets=[-1, 0, 1], progress=False, batch_size=8
+        rms_model, scan, texts, pairs=pairs, offsets=[-1, 0, 1], progress=False, runs_per_batch=8
     )
     trials, out_pairs = result.trials, result.pairs
     # the own-activation run reproduces the scan's unpatched s_1 and top-1
@@ -308,7 +308,7 @@ def test_a_probe_fitted_on_the_targets_is_refused(rms_model, small_scan):
     from beyond_top1.probes import TaskProbe, task_dataset
 
     texts, scan = small_scan
-    data = task_dataset(rms_model, scan, texts, k=2, balance=False, progress=False)
+    data = task_dataset(rms_model, scan, n_tasks=2, balance=False, progress=False)
     probe = TaskProbe().fit(data)
     pairs = find_pairs(scan, delta=2, max_pairs=4, seed=1)
     with pytest.raises(ValueError, match="in-sample"):

@@ -7,7 +7,7 @@ import torch
 
 import beyond_top1 as bt
 from beyond_top1 import hooked
-from beyond_top1.readout import prompt_residuals
+from beyond_top1.prompt import prompt_residuals
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_ln_model", "smollm2"])

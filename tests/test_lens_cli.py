@@ -13,7 +13,7 @@ from beyond_top1 import cli
 
 @pytest.fixture
 def tiny_cli(tiny_model, monkeypatch):
-    monkeypatch.setattr(cli, "load_model_from_args", lambda args: tiny_model)
+    monkeypatch.setattr("beyond_top1.models.load_model", lambda *args, **kwargs: tiny_model)
     return tiny_model
 
 

@@ -18,7 +18,7 @@ from beyond_top1.figures import (
 )
 from beyond_top1.lenses.base import Lens
 from beyond_top1.lenses.metrics import LENS_METRICS, evaluate_lenses, quality_of_fit_matrix
-from beyond_top1.readout import prompt_residuals
+from beyond_top1.prompt import prompt_residuals
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -15,7 +15,7 @@ from beyond_top1.activations import stream_residuals
 from beyond_top1.lenses import LENS_KINDS, LensFileError, LinearShortcutLens, load_lens, save_lens
 from beyond_top1.lenses.least_squares import LeastSquaresAccumulator
 from beyond_top1.lenses.linear import fit_linear_maps
-from beyond_top1.readout import prompt_residuals
+from beyond_top1.prompt import prompt_residuals
 
 TEXTS = [
     "The river flows through the old town and into the sea.",

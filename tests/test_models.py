@@ -114,11 +114,11 @@ def test_model_instance_is_returned_as_is(tiny_model):
 
 
 def test_unknown_model_names_the_offline_choices():
-    with pytest.raises(bt.UnknownModelError) as info:
+    with pytest.raises(bt.errors.UnknownModelError) as info:
         bt.load_model("no-such-model-anywhere")
-    for name in bt.OFFLINE_MODELS:
+    for name in models.OFFLINE_MODELS:
         assert name in str(info.value)
-    with pytest.raises(bt.UnknownModelError, match="untrained:gpt2-small"):
+    with pytest.raises(bt.errors.UnknownModelError, match="untrained:gpt2-small"):
         bt.load_model("untrained:llama-70b")
     with pytest.raises(TypeError):
         bt.load_model(42)

@@ -169,7 +169,7 @@ def reference_residuals(model, texts) -> dict[tuple[int, int], torch.Tensor]:
 
 def test_task_dataset_rows_features_and_balance(tiny6, texts):
     scan = fake_scan(tiny6, texts)
-    data = task_dataset(tiny6, scan, texts, k=3, progress=False)
+    data = task_dataset(tiny6, scan, texts, n_tasks=3, progress=False)
     assert len(data) > 50
     s = scan.saturation_array()
     limit = math.floor(0.85 * L_TINY)
@@ -200,19 +200,21 @@ def test_task_dataset_rows_features_and_balance(tiny6, texts):
 
 def test_task_dataset_options_are_seeded_and_respected(tiny6, texts):
     scan = fake_scan(tiny6, texts)
-    a = task_dataset(tiny6, scan, texts, k=3, max_per_class=4, min_layer=2, progress=False)
-    b = task_dataset(tiny6, scan, texts, k=3, max_per_class=4, min_layer=2, progress=False)
-    c = task_dataset(tiny6, scan, texts, k=3, max_per_class=4, min_layer=2, seed=1, progress=False)
+    a = task_dataset(tiny6, scan, texts, n_tasks=3, max_per_class=4, min_layer=2, progress=False)
+    b = task_dataset(tiny6, scan, texts, n_tasks=3, max_per_class=4, min_layer=2, progress=False)
+    c = task_dataset(
+        tiny6, scan, texts, n_tasks=3, max_per_class=4, min_layer=2, seed=1, progress=False
+    )
     np.testing.assert_array_equal(a.rows, b.rows)
     np.testing.assert_array_equal(a.X, b.X)
     assert not np.array_equal(a.rows, c.rows)
     assert a.layers.min() >= 2 and (a.counts() <= 4).all().all()
     rms = task_dataset(
-        tiny6, scan, texts, k=2, features="rms", max_per_class=4, min_layer=2, progress=False
+        tiny6, scan, texts, n_tasks=2, features="rms", max_per_class=4, min_layer=2, progress=False
     )
     assert set(rms.y.tolist()) == {1, 2}
     np.testing.assert_allclose(np.sqrt((rms.X.astype(np.float64) ** 2).mean(1)), 1.0, rtol=1e-4)
-    unbalanced = task_dataset(tiny6, scan, texts, k=3, balance=False, progress=False)
+    unbalanced = task_dataset(tiny6, scan, texts, n_tasks=3, balance=False, progress=False)
     labels = task_labels(scan.saturation_array()[:, :3], range(L_TINY), L_TINY)
     kept = scan.saturation_array()[:, 0] <= math.floor(0.85 * L_TINY)
     assert len(unbalanced) == int((labels[kept] > 0).sum())
@@ -224,10 +226,10 @@ def test_task_dataset_refuses_other_texts_or_model(tiny6, texts):
         task_dataset(tiny6, scan, texts[::-1], progress=False)
     with pytest.raises(ValueError, match="another model"):
         task_dataset(make_tiny_model(n_layers=L_TINY, seed=9), scan, texts, progress=False)
-    with pytest.raises(ValueError, match="k must be between 2"):
-        task_dataset(tiny6, scan, texts, k=4, progress=False)
-    with pytest.raises(ValueError, match="no probe rows for k=3: no layer has all k tasks"):
-        task_dataset(tiny6, scan, texts, k=3, layers=[0], progress=False)
+    with pytest.raises(ValueError, match="n_tasks must be between 2"):
+        task_dataset(tiny6, scan, texts, n_tasks=4, progress=False)
+    with pytest.raises(ValueError, match="no probe rows for n_tasks=3: no layer has all"):
+        task_dataset(tiny6, scan, texts, n_tasks=3, layers=[0], progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def test_probe_refuses_too_few_examples_and_one_class():
 
 def test_probe_save_load_round_trip_and_errors(tiny6, texts, tmp_path):
     scan = fake_scan(tiny6, texts)
-    data = task_dataset(tiny6, scan, texts, k=3, progress=False)
+    data = task_dataset(tiny6, scan, texts, n_tasks=3, progress=False)
     probe = TaskProbe(C=0.5).fit(data)
     path = probe.save(tmp_path / "probe")
     assert path.name == "probe.safetensors"

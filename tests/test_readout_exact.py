@@ -17,7 +17,7 @@ from conftest import make_tiny_model
 
 import beyond_top1 as bt
 from beyond_top1 import ranking
-from beyond_top1.readout import prompt_residuals
+from beyond_top1.prompt import prompt_residuals
 
 
 @pytest.fixture

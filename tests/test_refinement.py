@@ -10,7 +10,7 @@ import torch
 
 from beyond_top1 import hooked
 from beyond_top1.lenses import LinearShortcutLens, LogitLens
-from beyond_top1.readout import prompt_residuals
+from beyond_top1.prompt import prompt_residuals
 from beyond_top1.refinement import (
     _positions,
     first_and_final,

@@ -15,7 +15,7 @@ from beyond_top1.hooks import (
     replace_with_constant,
     submodule_replacement_hooks,
 )
-from beyond_top1.replacement import evaluate_replacements, fit_submodule_maps
+from beyond_top1.replacement import SubmoduleMaps, evaluate_replacements
 
 TEXTS = wiki_texts(3, split="train")
 
@@ -63,7 +63,7 @@ def test_exact_attention_map_reproduces_model(fixture, request):
     model = request.getfixturevalue(fixture)
     texts = _single_token_texts(model, 80)
     one_token = {"score_first": True, "progress": False}  # the only position is position 0
-    maps = fit_submodule_maps(
+    maps = SubmoduleMaps.fit(
         model, texts[:64], kinds=("attn",), ridge=1e-10, batch_size=32, **one_token
     )
     frame = evaluate_replacements(
@@ -121,7 +121,7 @@ def test_output_before_input_raises(tiny_model):
 def test_fit_matches_lstsq_reference(tiny_model):
     """Streaming normal equations over padded batches == lstsq on per-text activations."""
     kinds = ("attn", "mlp", "norm")
-    maps = fit_submodule_maps(
+    maps = SubmoduleMaps.fit(
         tiny_model, TEXTS, kinds=kinds, ridge=0.0, batch_size=2, max_len=48, progress=False
     )
     xs = {k: [[] for _ in range(3)] for k in kinds}
@@ -150,7 +150,7 @@ def test_fit_matches_lstsq_reference(tiny_model):
 def test_evaluation_matches_full_runs(tiny_ln_model):
     """Batched, start-at-layer evaluation == one full hooked run per text, scored by hand."""
     model = tiny_ln_model
-    maps = fit_submodule_maps(model, wiki_texts(6, split="train"), max_len=32, progress=False)
+    maps = SubmoduleMaps.fit(model, wiki_texts(6, split="train"), max_len=32, progress=False)
     texts = wiki_texts(2, split="val")
     variants = ("fit", "mean")
     frame = evaluate_replacements(

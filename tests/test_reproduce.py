@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import re
+from dataclasses import dataclass
 from html.parser import HTMLParser
 
 import numpy as np
@@ -16,11 +17,19 @@ import torch
 
 import beyond_top1 as bt
 from beyond_top1 import reproduce as rp
+from beyond_top1.reproduce.graph import Graph, ModelRef
 from beyond_top1.stages import DONE_FILE, STARTED_FILE, Stages, StageUnavailable
 
 # ---------------------------------------------------------------------------------------------
 # The stage cache
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cfg:
+    """A stage's typed config."""
+
+    n: int = 0
 
 
 class Counter:
@@ -43,52 +52,52 @@ class Counter:
 
 def test_a_finished_stage_is_skipped_with_the_same_settings(tmp_path):
     fn = Counter()
-    first = Stages(tmp_path, log=None).run("a", {"n": 3}, fn)
-    second = Stages(tmp_path, log=None).run("a", {"n": 3}, fn)
+    first = Stages(tmp_path, log=None).run("a", Cfg(3), fn)
+    second = Stages(tmp_path, log=None).run("a", Cfg(3), fn)
     assert fn.calls == 1
     assert not first.cached and second.cached
     assert second.metrics == {"value": 1.5, "calls": 1} == first.metrics
     done = json.loads((tmp_path / "a" / DONE_FILE).read_text())
-    assert done["settings"] == {"n": 3} and done["status"] == "done"
+    assert done["settings"] == {"task": "Cfg", "config": {"n": 3}} and done["status"] == "done"
     assert not (tmp_path / "a" / STARTED_FILE).exists()
 
 
 def test_a_changed_setting_reruns_the_stage_on_a_clean_folder(tmp_path):
     fn = Counter()
-    Stages(tmp_path, log=None).run("a", {"n": 3}, fn)
+    Stages(tmp_path, log=None).run("a", Cfg(3), fn)
     (tmp_path / "a" / "stale.txt").write_text("from the old settings")
     lines = []
-    record = Stages(tmp_path, log=lines.append).run("a", {"n": 4}, fn)
+    record = Stages(tmp_path, log=lines.append).run("a", Cfg(4), fn)
     assert fn.calls == 2 and not record.cached
     assert not (tmp_path / "a" / "stale.txt").exists()
-    assert any("settings changed: n" in line for line in lines), lines
+    assert any("settings changed: config.n" in line for line in lines), lines
     # and back: the new settings are the ones on record now
-    assert Stages(tmp_path, log=None).run("a", {"n": 4}, fn).cached
+    assert Stages(tmp_path, log=None).run("a", Cfg(4), fn).cached
 
 
 def test_force_reruns_a_finished_stage(tmp_path):
     fn = Counter()
-    Stages(tmp_path, log=None).run("a", {}, fn)
-    Stages(tmp_path, force=["a"], log=None).run("a", {}, fn)
+    Stages(tmp_path, log=None).run("a", Cfg(), fn)
+    Stages(tmp_path, force=["a"], log=None).run("a", Cfg(), fn)
     assert fn.calls == 2
 
 
 def test_an_interrupted_stage_resumes_on_its_folder(tmp_path):
     interrupted = Counter(fail_after_write=True)
     with pytest.raises(KeyboardInterrupt):
-        Stages(tmp_path, log=None).run("a", {"n": 3}, interrupted)
+        Stages(tmp_path, log=None).run("a", Cfg(3), interrupted)
     assert not (tmp_path / "a" / DONE_FILE).exists()  # never looks finished
     assert (tmp_path / "a" / STARTED_FILE).exists()
     lines = []
     fn = Counter()
-    record = Stages(tmp_path, log=lines.append).run("a", {"n": 3}, fn)
+    record = Stages(tmp_path, log=lines.append).run("a", Cfg(3), fn)
     assert fn.seen_partial == [True]  # the partial work was kept for it
     assert record.ok and any("resuming" in line for line in lines)
     # an interrupted run with other settings is thrown away instead
     with pytest.raises(KeyboardInterrupt):
-        Stages(tmp_path, log=None).run("b", {"n": 1}, Counter(fail_after_write=True))
+        Stages(tmp_path, log=None).run("b", Cfg(1), Counter(fail_after_write=True))
     other = Counter()
-    Stages(tmp_path, log=None).run("b", {"n": 2}, other)
+    Stages(tmp_path, log=None).run("b", Cfg(2), other)
     assert other.seen_partial == [False]
 
 
@@ -97,8 +106,8 @@ def test_upstream_changes_rerun_downstream_stages(tmp_path):
 
     def run(n):
         stages = Stages(tmp_path, log=None)
-        first = stages.run("up", {"n": n}, up)
-        return stages.run("down", {"m": 1}, down, after=[first])
+        first = stages.run("up", Cfg(n), up)
+        return stages.run("down", Cfg(1), down, after=[first])
 
     run(1)
     assert run(1).cached and (up.calls, down.calls) == (1, 1)
@@ -112,9 +121,9 @@ def test_an_unavailable_stage_is_recorded_with_its_reason_and_cached(tmp_path):
         calls.append(folder)
         raise StageUnavailable("too few positions")
 
-    record = Stages(tmp_path, log=None).run("p", {}, fn)
+    record = Stages(tmp_path, log=None).run("p", Cfg(), fn)
     assert record.status == "unavailable" and record.metrics == {"reason": "too few positions"}
-    again = Stages(tmp_path, log=None).run("p", {}, fn)
+    again = Stages(tmp_path, log=None).run("p", Cfg(), fn)
     assert again.cached and again.status == "unavailable" and len(calls) == 1
 
 
@@ -122,9 +131,16 @@ def test_metrics_are_made_json_safe(tmp_path):
     import numpy as np
 
     record = Stages(tmp_path, log=None).run(
-        "m", {}, lambda folder: {"x": np.float32(0.5), "nan": float("nan"), "n": np.int64(3)}
+        "m", Cfg(), lambda folder: {"x": np.float32(0.5), "nan": float("nan"), "n": np.int64(3)}
     )
     assert record.metrics == {"x": 0.5, "nan": None, "n": 3}
+
+
+def test_a_stage_config_is_a_dataclass(tmp_path):
+    with pytest.raises(TypeError, match="dataclass instance"):
+        Stages(tmp_path, log=None).run("a", {"n": 3}, Counter())
+    with pytest.raises(TypeError, match="dataclass instance"):
+        Stages(tmp_path, log=None).run("a", Cfg, Counter())
 
 
 def test_scale_overrides_are_typed_and_checked():
@@ -314,14 +330,14 @@ def test_a_second_run_skips_every_stage(tiny_reproduction, monkeypatch):
     assert (
         json.loads((result.out / "metrics.json").read_text())["stages"]["interventions"][
             "settings"
-        ]["max_pairs"]
+        ]["config"]["max_pairs"]
         == 2
     )
 
 
 def test_an_interrupted_scan_continues_from_its_last_shard(tmp_path, monkeypatch, tiny_model):
     """The scan stage resumes the scan's own shards: only the missing batches are recomputed."""
-    import beyond_top1.scans as scans
+    import beyond_top1.scans.run as scans
 
     scale = rp.resolve_scale("test", {"batch_size": 1, "scan_texts": 5, "max_len": 12})
     calls = []
@@ -335,23 +351,24 @@ def test_an_interrupted_scan_continues_from_its_last_shard(tmp_path, monkeypatch
 
     monkeypatch.setattr(scans, "_scan_batch", flaky)
 
-    def context():
-        main = rp._Model("tiny", tiny_model, device="cpu", seed=0)
-        return rp._Context(scale, 0, False, main, [], Stages(tmp_path, log=None))
+    def run_scan():
+        main = ModelRef("tiny", tiny_model, device="cpu", seed=0)
+        graph = Graph(scale, 0, False, main, [])
+        step = next(step for step in graph.steps() if step.name == "scan-tiny")
+        return graph.run_step(Stages(tmp_path, log=None), step)
 
     with pytest.raises(KeyboardInterrupt):
-        context().scan(context().main)
+        run_scan()
     assert not (tmp_path / "scan-tiny" / DONE_FILE).exists()
     calls.clear()
-    ctx = context()
-    record = ctx.scan(ctx.main)
+    record = run_scan()
     assert record.ok and not record.cached
     assert len(calls) == 1  # batch 4 only
     full = scans.load_scan(tmp_path / "scan-tiny" / "scan")
     monkeypatch.setattr(scans, "_scan_batch", original)
     fresh = scans.scan(
         tiny_model,
-        ctx.scan_texts()[0],
+        bt.wiki_texts(scale.scan_texts, split="val", seed=0),
         k=5,
         batch_size=1,
         max_len=scale.max_len,
@@ -415,22 +432,22 @@ def test_auto_threads_leave_the_busy_cores(monkeypatch):
 
     import torch
 
-    from beyond_top1 import commands_reproduce as cr
+    from beyond_top1.runtime import resolve_threads
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.0, 0.0))
-    assert cr.choose_threads("auto")[0] is None  # idle: torch's default
+    assert resolve_threads("auto")[0] is None  # idle: torch's default
     monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-    assert cr.choose_threads("auto")[0] == 1  # one core busy
+    assert resolve_threads("auto")[0] == 1  # one core busy
     monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 0.0, 0.0))
-    assert cr.choose_threads("auto")[0] == 1
+    assert resolve_threads("auto")[0] == 1
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-    assert cr.choose_threads("auto")[0] is None  # plenty of free cores
-    assert cr.choose_threads("3")[0] == 3
-    with pytest.raises(ValueError, match="--threads"):
-        cr.choose_threads("0")
+    assert resolve_threads("auto")[0] is None  # plenty of free cores
+    assert resolve_threads("3")[0] == 3
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        resolve_threads("0")
 
 
 def test_the_model_itself_is_not_a_twin(tmp_path):

@@ -159,7 +159,7 @@ def test_the_max_len_used_is_the_one_recorded(tiny, texts_file, tmp_path, capsys
 def test_a_finished_scan_is_not_recomputed_on_resume(
     tiny, texts_file, tmp_path, capsys, monkeypatch
 ):
-    import beyond_top1.scans as scans
+    import beyond_top1.scans.run as scans
 
     args = ["scan", "--texts-file", texts_file, "--out", tmp_path / "s", "--k", "3"]
     assert run(capsys, *args)[0] == 0
@@ -209,7 +209,7 @@ def test_output_paths_that_cannot_be_written(tiny, texts_file, tmp_path, capsys)
 def test_ctrl_c_during_a_scan_says_what_was_kept_and_how_to_resume(
     tiny, texts_file, tmp_path, capsys, monkeypatch
 ):
-    import beyond_top1.scans as scans
+    import beyond_top1.scans.run as scans
 
     real, calls = scans._scan_batch, {"n": 0}
 

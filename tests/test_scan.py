@@ -87,7 +87,7 @@ def test_scan_matches_stream_and_model(tiny_model):
     assert list(zip(frame.text_id, frame.pos, strict=True)) == positions
     assert result.top_ids.shape == (len(frame), L, 4) and result.resid_cos.shape == (len(frame), L)
     # s_i follow from the stored top-k trajectories
-    expected_s = bt.saturation_layers(torch.as_tensor(result.top_ids)).numpy()
+    expected_s = bt.stats.saturation_layers(torch.as_tensor(result.top_ids)).numpy()
     np.testing.assert_array_equal(result.saturation_array(), expected_s)
     # the final top-k are the model's own top-k for text 1
     ids = bt.tokenize(tiny_model, TEXTS[1])[:16]
@@ -108,7 +108,7 @@ def test_scan_writes_identical_files_and_resumes(tiny_model, tmp_path, monkeypat
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     assert again.saturation.equals(full.saturation)
 
-    import beyond_top1.scans as scan_module
+    import beyond_top1.scans.run as scan_module
 
     real = scan_module._scan_batch
     calls = {"n": 0}

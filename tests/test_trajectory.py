@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import beyond_top1 as bt
-from beyond_top1.readout import top_tokens as readout_top_tokens
+from beyond_top1.prompt import top_tokens as readout_top_tokens
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 

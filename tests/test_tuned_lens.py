@@ -8,7 +8,14 @@ import torch
 import beyond_top1 as bt
 from beyond_top1.lenses.base import Lens
 from beyond_top1.lenses.tuned import TunedLens, train_tuned_lens
-from beyond_top1.readout import prompt_residuals
+from beyond_top1.prompt import prompt_residuals
+
+
+def _fit(model, texts, **kwargs):
+    """``TunedLens.fit`` with its history, as the tests read both."""
+    lens = TunedLens.fit(model, texts, **kwargs)
+    return lens, lens.training_history
+
 
 TEXTS = [
     "The river flows through the old town and into the sea.",
@@ -74,20 +81,20 @@ def test_training_lowers_heldout_kl_and_is_seeded(tiny_model):
     kwargs = dict(init="zero", max_steps=16, batch_size=4, eval_every=4, lr=1e-2)
     kwargs.update(n_heldout_texts=3, max_len=32, tokens_per_layer=64, progress=False)
     kwargs.update(score_first=True)  # the tokens this test was calibrated on (position 0 too)
-    lens, history = train_tuned_lens(tiny_model, TEXTS, **kwargs)
+    lens, history = _fit(tiny_model, TEXTS, **kwargs)
     start = history[history.step == 0].set_index("layer").heldout_kl
     best = torch.tensor(lens.training_settings["heldout_kl"])
     assert (best < 0.95 * torch.tensor(start.values)).all()  # every layer improves by > 5%
-    again, _ = train_tuned_lens(tiny_model, TEXTS, **kwargs)
+    again, _ = _fit(tiny_model, TEXTS, **kwargs)
     torch.testing.assert_close(lens.weight, again.weight)
     assert not lens.training and not lens.weight.requires_grad
 
 
 def test_training_errors(tiny_model):
     with pytest.raises(ValueError, match="hold some out"):
-        train_tuned_lens(tiny_model, TEXTS[:2], progress=False)
+        _fit(tiny_model, TEXTS[:2], progress=False)
     with pytest.raises(ValueError, match="init must be"):
-        train_tuned_lens(tiny_model, TEXTS, init="random", progress=False)
+        _fit(tiny_model, TEXTS, init="random", progress=False)
 
 
 def test_linear_init_starts_from_the_least_squares_lens(tiny_model):
@@ -161,26 +168,36 @@ def test_fused_kl_matches_autograd(dtype):
 def test_training_leaves_the_model_untouched_and_obeys_the_time_limit(tiny_model):
     flags = [p.requires_grad for p in tiny_model.parameters()]
     kwargs = dict(init="zero", batch_size=4, n_heldout_texts=3, max_len=32, progress=False)
-    lens, history = train_tuned_lens(tiny_model, TEXTS, max_steps=2, eval_every=1, **kwargs)
+    lens, history = _fit(tiny_model, TEXTS, max_steps=2, eval_every=1, **kwargs)
     assert [p.requires_grad for p in tiny_model.parameters()] == flags
     assert all(p.grad is None for p in tiny_model.parameters())
     assert list(history.step.unique()) == [0, 1, 2] and lens.training_settings["steps"] == 2
     assert {"seconds", "wall_seconds", "cpu_seconds"} <= set(history.columns)
     # A limit already spent at the first step: no step is taken, the lens is its init.
-    lens, history = train_tuned_lens(tiny_model, TEXTS, time_limit_s=0.0, clock="cpu", **kwargs)
+    lens, history = _fit(tiny_model, TEXTS, time_limit_s=0.0, clock="cpu", **kwargs)
     assert lens.training_settings["steps"] == 0 and list(history.step.unique()) == [0]
     assert torch.equal(lens.weight, torch.zeros_like(lens.weight))
     with pytest.raises(ValueError, match="clock must be"):
-        train_tuned_lens(tiny_model, TEXTS, clock="gpu", **kwargs)
+        _fit(tiny_model, TEXTS, clock="gpu", **kwargs)
 
 
 def test_training_a_subset_of_layers_leaves_the_others_at_init(tiny_model):
     kwargs = dict(init="zero", max_steps=3, batch_size=4, eval_every=1, lr=1e-2, max_len=32)
-    lens, history = train_tuned_lens(
-        tiny_model, TEXTS, layers=[1], n_heldout_texts=3, progress=False, **kwargs
-    )
+    lens, history = _fit(tiny_model, TEXTS, layers=[1], n_heldout_texts=3, progress=False, **kwargs)
     assert set(history.layer) == {1} and lens.training_settings["trained_layers"] == [1]
     assert torch.equal(lens.weight[0], torch.zeros_like(lens.weight[0]))
     assert lens.weight[1].abs().sum() > 0
     with pytest.raises(ValueError, match="subset of the translated layers"):
-        train_tuned_lens(tiny_model, TEXTS, layers=[2], progress=False)
+        _fit(tiny_model, TEXTS, layers=[2], progress=False)
+
+
+def test_the_deprecated_train_tuned_lens_warns_and_gives_the_same_lens(tiny_model):
+    kwargs = dict(init="zero", max_steps=2, batch_size=4, eval_every=1, n_heldout_texts=3)
+    kwargs.update(max_len=16, tokens_per_layer=16, progress=False)
+    with pytest.warns(DeprecationWarning, match="TunedLens.fit"):
+        old, history = train_tuned_lens(tiny_model, TEXTS, **kwargs)
+    new = TunedLens.fit(tiny_model, TEXTS, **kwargs)
+    assert torch.equal(old.weight, new.weight) and torch.equal(old.bias, new.bias)
+    assert history is old.training_history
+    same = ["step", "tokens", "layer", "heldout_kl"]  # (the timing columns differ)
+    assert history[same].equals(new.training_history[same])

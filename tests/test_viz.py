@@ -12,6 +12,7 @@ import pytest
 
 import beyond_top1 as bt
 from beyond_top1 import viz
+from beyond_top1.viz import view as view_module
 
 # Markup, an ampersand, a newline and a script end tag: what must survive into the page as text.
 PROMPT = "Paris is <b>big</b> & old.\nIt is </script> the capital of France"
@@ -66,7 +67,7 @@ def _token_forms(token: str) -> set[str]:
     """How a prompt token can appear in a page: escaped HTML text, or inside props JSON."""
     forms = {html.escape(viz.readable_token(token, spaces=True))}
     for kwargs in ({"spaces": True}, {"newlines": True}):
-        forms.add(viz._js_json(viz._cv_text(token, **kwargs))[1:-1])
+        forms.add(view_module._js_json(view_module._cv_text(token, **kwargs))[1:-1])
     return forms
 
 
@@ -92,7 +93,7 @@ def test_readable_token():
     assert viz.readable_token("\t\r") == "⇥␍"
     assert viz.readable_token("") == "∅"
     assert viz.readable_token("\x00\x7f") == "\\x00\\x7f"
-    assert viz._cv_text("<b> &", spaces=True) == "&lt;b&gt;␣&amp;"
+    assert view_module._cv_text("<b> &", spaces=True) == "&lt;b&gt;␣&amp;"
 
 
 def test_topk_tokens_props(traj):
@@ -110,7 +111,7 @@ def test_topk_tokens_props(traj):
             for pos in (0, n - 1):
                 shown = [tokens[idxs[j][r][pos]] for r in range(k)]
                 ids = traj.top_ids[pos, layer] if sample == 0 else traj.top_ids[pos, -1]
-                want = [viz._cv_text(t, spaces=True) for t in traj.token_strings(ids)]
+                want = [view_module._cv_text(t, spaces=True) for t in traj.token_strings(ids)]
                 assert shown == want
                 if sample == 0:
                     expect = np.exp(traj.top_logprobs[pos, layer])
@@ -128,7 +129,7 @@ def test_colored_tokens_props(traj):
         props = _components(viz.colored_tokens(traj, rank))["ColoredTokens"].props
         assert props["values"] == traj.s[:, rank - 1].tolist()
         assert props["maxValue"] == traj.n_layers - 1
-        assert props["tokens"] == [viz._cv_text(t, newlines=True) for t in traj.tokens]
+        assert props["tokens"] == [view_module._cv_text(t, newlines=True) for t in traj.tokens]
     with pytest.raises(ValueError, match="rank"):
         viz.colored_tokens(traj, traj.k + 1)
     props = _components(viz.colored_tokens_multi(traj))["ColoredTokensMulti"].props
@@ -174,10 +175,10 @@ def test_every_view_is_offline_and_shows_the_tokens(traj, tmp_path):
 
 def test_props_json_is_script_safe(traj):
     props = _components(viz.colored_tokens(traj))["ColoredTokens"].props
-    text = viz._js_json(props)
+    text = view_module._js_json(props)
     assert "<" not in text and ">" not in text and "&" not in text
-    assert json.loads(text) == viz._plain(props)
-    assert viz._js_json({"x": float("nan")}) == '{"x": null}'
+    assert json.loads(text) == view_module._plain(props)
+    assert view_module._js_json({"x": float("nan")}) == '{"x": null}'
 
 
 def test_long_text_is_windowed_with_a_note(long_traj):

@@ -11,7 +11,7 @@ from beyond_top1.lenses.io import (
 )
 from beyond_top1.lenses.linear import LinearShortcutLens
 from beyond_top1.lenses.logit import LogitLens
-from beyond_top1.lenses.resolve import resolve_lens
+from beyond_top1.lenses.resolve import lens_set, resolve_lens
 from beyond_top1.lenses.tuned import TunedLens, TunedLensTraining, train_tuned_lens
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "TunedLensTraining",
     "load_lens",
     "register_lens_kind",
+    "lens_set",
     "resolve_lens",
     "save_lens",
     "train_tuned_lens",

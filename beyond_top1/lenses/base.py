@@ -9,6 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from beyond_top1 import hooked
+from beyond_top1.lenses.io import save_lens
 
 
 class Lens(nn.Module):
@@ -65,8 +66,6 @@ class Lens(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write this lens to ``directory`` (see :func:`beyond_top1.lenses.io.save_lens`)."""
-        from beyond_top1.lenses.io import save_lens
-
         return save_lens(self, directory)
 
     def extra_repr(self) -> str:

@@ -14,13 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from beyond_top1 import hooked
+from beyond_top1 import __version__, hooked
 from beyond_top1.fileio import OutputFolder, to_jsonable
-from beyond_top1.lenses.base import Lens
+
+if TYPE_CHECKING:  # lens classes import this module to save themselves
+    from beyond_top1.lenses.base import Lens
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -118,8 +121,6 @@ def save_lens(lens: Lens, directory: str | Path) -> Path:
     Only a folder holding nothing, or a lens this toolkit saved, is written to; the lens files of
     another origin are refused (:class:`LensFileError`) and other files are left alone.
     """
-    from beyond_top1 import __version__
-
     state = {k: v.detach().to("cpu").contiguous() for k, v in lens.state_dict().items()}
     with lens_folder(directory) as folder:
         weights = folder.write(WEIGHTS_FILE, lambda tmp: save_file(state, tmp))

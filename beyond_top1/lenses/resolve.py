@@ -32,4 +32,16 @@ def resolve_lens(model, lens: Lens | str | Path | None = None, *, name: str = "l
     return lens
 
 
-__all__ = ["resolve_lens"]
+def lens_set(
+    model, *, linear: Lens | str | Path | None = None, tuned: Lens | str | Path | None = None
+) -> dict[str, Lens]:
+    """``{"logit": ..., "linear": ..., "tuned": ...}``: the logit lens of ``model`` and those of
+    ``linear`` and ``tuned`` that are given (a lens or a saved lens folder, checked)."""
+    lenses = {"logit": LogitLens(model)}
+    for name, lens in (("linear", linear), ("tuned", tuned)):
+        if lens is not None:
+            lenses[name] = resolve_lens(model, lens, name=f"{name} lens")
+    return lenses
+
+
+__all__ = ["lens_set", "resolve_lens"]

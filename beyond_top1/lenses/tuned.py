@@ -10,9 +10,11 @@ training cheap three ways:
 * **token subsampling per layer**: every step runs the model over a fresh batch of texts, but
   each layer's translator is trained on a random subset of its tokens, so the expensive part
   (the ``d_model × vocab`` unembedding, forward and backward) is spent on diverse data;
-* **bf16 unembedding** during training (one bf16 copy of ``W_U``; ~2-4× faster than fp32 on
-  this CPU), a fused KL with its analytic gradient (sums in fp32), and no gradient for the
-  model's own parameters; the validation used for model selection is fp32.
+* **bf16 unembedding** during training where the device multiplies bf16 natively (one bf16
+  copy of ``W_U``, ~2-4× faster than fp32; fp32 elsewhere, where emulated bf16 is ~100× slower,
+  so trained weights differ slightly between such machines), a fused KL with its analytic
+  gradient (sums in fp32), and no gradient for the model's own parameters; the validation used
+  for model selection is fp32.
 
 A fixed held-out set is evaluated every ``eval_every`` steps and each layer keeps the translator
 with its lowest held-out KL, so no layer ends worse than its initialisation on that set.
@@ -24,6 +26,7 @@ import functools
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -38,6 +41,8 @@ from beyond_top1.activations import stream_residuals
 from beyond_top1.data import text_list
 from beyond_top1.lenses.base import Lens
 from beyond_top1.lenses.io import register_lens_kind
+from beyond_top1.lenses.linear import LinearShortcutLens
+from beyond_top1.runtime import has_fast_bf16
 
 
 @register_lens_kind
@@ -78,6 +83,45 @@ class TunedLens(Lens):
         return lens
 
     @classmethod
+    def fit(
+        cls,
+        model,
+        texts: Sequence[str],
+        *,
+        init: Lens | str = "linear",
+        heldout_texts: Sequence[str] | None = None,
+        settings: TunedLensTraining | None = None,
+        progress: bool = True,
+        **overrides,
+    ) -> TunedLens:
+        """Train a tuned lens on ``texts``: Adam on KL(p_final ‖ p_lens) per layer, keeping
+        each layer's best held-out checkpoint.
+
+        Args:
+            texts: training texts, streamed in order, one batch per step (``max_steps`` batches
+                at most; cycled in a seeded order if there are fewer).
+            init: ``"linear"`` (a least-squares linear-shortcut lens with bias, fitted on the
+                first ``n_init_texts`` texts), ``"zero"`` (the public recipe's init), or a
+                fitted lens (fit it on texts other than the held-out ones).
+            heldout_texts: texts for model selection (default: ``n_heldout_texts`` split off
+                the end of ``texts``, never trained on).
+            settings / overrides: see :class:`TunedLensTraining`.
+
+        Returns:
+            The lens in eval mode, with ``training_history`` (one row per evaluation and
+            layer; saved with the lens) and ``training_settings``.
+        """
+        return _train(
+            model,
+            texts,
+            init=init,
+            heldout_texts=heldout_texts,
+            settings=settings,
+            progress=progress,
+            **overrides,
+        )
+
+    @classmethod
     def from_lens(cls, model, lens: Lens) -> TunedLens:
         """Initialise from any lens whose ``transform`` is affine (e.g. a linear-shortcut lens).
 
@@ -100,7 +144,7 @@ class TunedLens(Lens):
 
 @dataclass
 class TunedLensTraining:
-    """Settings of :func:`train_tuned_lens` (stored in the saved lens' config).
+    """Settings of :meth:`TunedLens.fit` (stored in the saved lens' config).
 
     ``time_limit_s`` counts the whole call (init included): training stops before a step that
     would overrun it, going by the durations of the steps and evaluations so far (the init and
@@ -241,7 +285,7 @@ def _collect_heldout(model, lens, layers, texts, settings) -> list[tuple[Tensor,
     return out
 
 
-def train_tuned_lens(
+def _train(
     model,
     texts: Sequence[str],
     *,
@@ -250,8 +294,8 @@ def train_tuned_lens(
     settings: TunedLensTraining | None = None,
     progress: bool = True,
     **overrides,
-) -> tuple[TunedLens, pd.DataFrame]:
-    """Train a :class:`TunedLens` on ``texts`` and return it with its training history.
+) -> TunedLens:
+    """Train a :class:`TunedLens` on ``texts`` (see :meth:`TunedLens.fit`).
 
     Args:
         texts: training texts, streamed in order, one batch per step (``max_steps`` batches at
@@ -265,9 +309,9 @@ def train_tuned_lens(
         settings / overrides: see :class:`TunedLensTraining`.
 
     Returns:
-        The lens (in eval mode) and a DataFrame with one row per evaluation and layer: ``step,
-        tokens, seconds, wall_seconds, cpu_seconds, layer, heldout_kl`` (``seconds`` on the
-        ``clock`` of the settings, init included).
+        The lens in eval mode; ``lens.training_history`` has one row per evaluation and layer:
+        ``step, tokens, seconds, wall_seconds, cpu_seconds, layer, heldout_kl`` (``seconds`` on
+        the ``clock`` of the settings, init included).
     """
     settings = settings or TunedLensTraining()
     settings = TunedLensTraining(**{**asdict(settings), **overrides})
@@ -302,7 +346,20 @@ def train_tuned_lens(
     }
     lens.requires_grad_(False)
     lens.training_history = pd.concat(history, ignore_index=True)  # saved with the lens
-    return lens.eval(), lens.training_history
+    return lens.eval()
+
+
+def train_tuned_lens(model, texts: Sequence[str], **kwargs) -> tuple[TunedLens, pd.DataFrame]:
+    """Deprecated: ``lens = TunedLens.fit(model, texts, ...)``; the history is
+    ``lens.training_history``."""
+    warnings.warn(
+        "train_tuned_lens(...) is now TunedLens.fit(...) (the history is "
+        "lens.training_history); the old name goes away in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    lens = TunedLens.fit(model, texts, **kwargs)
+    return lens, lens.training_history
 
 
 def _trained_layers(model, init, layers) -> tuple[int, ...]:
@@ -341,8 +398,11 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
         ],
         weight_decay=settings.weight_decay,
     )
-    # The unembedding in bf16, cast once (~2-4x faster than fp32 on CPU); loss sums in fp32.
-    W_U, b_U = (t.to(torch.bfloat16) for t in hooked.unembedding_weights(model))
+    # The unembedding in bf16 where the device multiplies bf16 natively (~2-4x faster than
+    # fp32; emulated bf16 is ~100x slower, so fp32 elsewhere), cast once; loss sums in fp32.
+    W_U, b_U = hooked.unembedding_weights(model)
+    if has_fast_bf16(W_U.device):
+        W_U, b_U = W_U.to(torch.bfloat16), b_U.to(torch.bfloat16)
     W_U_T = W_U.T.contiguous()  # for the backward pass (see _Unembed)
     L = lens.n_layers
     eval_start = clock()
@@ -428,8 +488,6 @@ def _initial_lens(model, texts, init, settings: TunedLensTraining, progress: boo
     elif init == "zero":
         tuned = TunedLens(model)
     elif init == "linear":
-        from beyond_top1.lenses.linear import LinearShortcutLens
-
         linear = LinearShortcutLens.fit(
             model,
             texts[: settings.n_init_texts],

@@ -1,11 +1,12 @@
-"""One prompt's rank trajectories: top-k per position and layer, and its saturation layers.
+"""One prompt, layer by layer: its top-k tokens per layer (:func:`top_tokens`) and its rank
+trajectories (:func:`trajectory`).
 
 :func:`trajectory` reads every layer of one prompt through a lens (the same kernel as
 :func:`~beyond_top1.scans.scan`, :func:`~beyond_top1.ranking.lens_topk`) and keeps, per position,
 the lens' top-k tokens at every layer, the rank of each final top-k token at every layer, the
 saturation layers ``s_1..s_k`` and the final log-prob and rank of the actual next token. The
-:class:`Trajectory` holds no model; it renders itself inline in Jupyter (CircuitsVis) and feeds
-the renderers in :mod:`beyond_top1.viz`.
+:class:`Trajectory` holds no model; it renders itself inline in Jupyter (CircuitsVis) through
+:mod:`beyond_top1.viz`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,71 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
+from torch import Tensor
 
 from beyond_top1 import hooked
+from beyond_top1.activations import resolve_layers
+from beyond_top1.data import tokenize
 from beyond_top1.lenses import Lens, resolve_lens
 from beyond_top1.ranking import PRECISIONS, lens_topk
-from beyond_top1.readout import prompt_residuals
 from beyond_top1.saturation import saturation_layers
+from beyond_top1.viz import trajectory_view
+
+
+def prompt_residuals(
+    model, prompt: str, layers=None
+) -> tuple[list[int], Float[Tensor, "pos layer d_model"]]:
+    """Token ids of ``prompt`` and its residual streams at ``layers`` (default ``0..L-1``)."""
+    ids = tokenize(model, prompt)
+    layers = resolve_layers(model, layers)
+    tokens = torch.tensor([ids], device=hooked.model_device(model))
+    return ids, hooked.run_with_residuals(model, tokens, layers)[0]
+
+
+def top_tokens(
+    model,
+    prompt: str,
+    *,
+    lens: Lens | None = None,
+    k: int = 5,
+    position: int = -1,
+    include_embedding: bool = False,
+) -> pd.DataFrame:
+    """Top-``k`` next tokens at ``position`` of ``prompt`` under ``lens``, for every layer.
+
+    Returns a DataFrame with one row per (layer, rank): ``layer, rank, token_id, token, prob``
+    (ranks are 1-based; ``layer = -1`` is the embedding when ``include_embedding``). The ids and
+    their order follow the exact read-out rule (:mod:`beyond_top1.ranking`).
+    """
+    lens = resolve_lens(model, lens)
+    vocab = hooked.d_vocab(model)
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
+    layers = tuple(range(-1 if include_embedding else 0, hooked.n_layers(model)))
+    ids, resid = prompt_residuals(model, prompt, layers)
+    if not -len(ids) <= position < len(ids):
+        raise IndexError(f"position {position} is outside the prompt's {len(ids)} tokens")
+    readout = lens_topk(lens, resid[position][None], layers, k)
+    frame = pd.DataFrame(
+        {
+            "layer": np.repeat(layers, k),
+            "rank": np.tile(np.arange(1, k + 1), len(layers)),
+            "token_id": readout.top_ids[0].reshape(-1).cpu().numpy(),
+            "prob": readout.top_logprobs[0].reshape(-1).double().exp().cpu().numpy(),
+        }
+    )
+    frame.insert(3, "token", hooked.token_strings(model, frame["token_id"]))
+    return frame
+
+
+def format_top_tokens(frame: pd.DataFrame) -> str:
+    """A layers × ranks text table of ``token (prob)`` cells."""
+    cells = frame.assign(
+        cell=[f"{t!r} {p:.2f}" for t, p in zip(frame["token"], frame["prob"], strict=True)]
+    )
+    table = cells.pivot(index="layer", columns="rank", values="cell")
+    table.columns = [f"top-{r}" for r in table.columns]
+    return table.to_string()
 
 
 @dataclass
@@ -137,8 +197,6 @@ class Trajectory:
 
     def render(self, **kwargs):
         """The default inline view (:func:`beyond_top1.viz.trajectory_view`)."""
-        from beyond_top1.viz import trajectory_view
-
         return trajectory_view(self, **kwargs)
 
     def __repr__(self) -> str:
@@ -216,4 +274,4 @@ def trajectory(
     )
 
 
-__all__ = ["Trajectory", "trajectory"]
+__all__ = ["Trajectory", "format_top_tokens", "prompt_residuals", "top_tokens", "trajectory"]

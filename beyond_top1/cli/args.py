@@ -1,14 +1,15 @@
-"""Arguments and loaders shared by the ``beyond-top1`` subcommands.
-
-Only ``argparse`` and the default model name are imported here: the heavy modules (models,
-data, lenses) are imported inside the functions, so building the parser stays fast.
-"""
+"""Arguments and loaders shared by the ``beyond-top1`` subcommands."""
 
 from __future__ import annotations
 
 import argparse
 
+from beyond_top1 import models
+from beyond_top1.data import load_texts
+from beyond_top1.lenses import LogitLens, load_lens
 from beyond_top1.models import DEFAULT_MODEL
+from beyond_top1.probes import read_probe
+from beyond_top1.tasks.texts import TextSpec
 
 
 def positive_int(value: str) -> int:
@@ -61,33 +62,39 @@ def add_score_first_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def text_spec_from_args(args: argparse.Namespace) -> TextSpec:
+    """The texts :func:`add_text_args` describes, as a :class:`TextSpec`."""
+    seed = getattr(args, "seed", 0)
+    if args.texts_file:
+        load_texts(args.texts_file)  # a missing or unreadable file fails here, before any work
+        return TextSpec(file=args.texts_file, stop=args.n_texts, seed=seed)
+    n_texts = args.n_texts if args.n_texts is not None else args.default_n_texts
+    return TextSpec(split=args.split, stop=n_texts, seed=seed)
+
+
 def texts_from_args(args: argparse.Namespace) -> list[str]:
     """The texts :func:`add_text_args` describes: ``--texts-file`` or Wikipedia texts."""
-    from beyond_top1.data import load_texts, wiki_texts
-
-    if args.texts_file:
-        texts = load_texts(args.texts_file)
-        return texts[: args.n_texts] if args.n_texts is not None else texts
-    n_texts = args.n_texts if args.n_texts is not None else args.default_n_texts
-    return wiki_texts(n_texts, split=args.split, seed=args.seed)
-
-
-def texts_source(args: argparse.Namespace, n_texts: int) -> str:
-    """A description of the texts :func:`texts_from_args` returned (``n_texts`` of them)."""
-    if args.texts_file:
-        return f"{args.texts_file} (first {n_texts})"
-    return f"wiki_texts({n_texts}, split={args.split!r}, seed={args.seed})"
+    return text_spec_from_args(args).load()
 
 
 def load_model_from_args(args: argparse.Namespace):
     """The model :func:`add_model_args` describes (``--model``, ``--device``, ``--seed``)."""
-    from beyond_top1.models import load_model
-
-    return load_model(args.model, device=args.device, seed=args.seed)
+    return models.load_model(args.model, device=args.device, seed=args.seed)
 
 
 def read_lens_arg(model, directory: str | None):
     """A lens from a ``--lens`` value: ``None`` or ``"logit"`` is the logit lens, else a folder."""
-    from beyond_top1.lenses import LogitLens, load_lens
-
     return LogitLens(model) if directory in (None, "logit") else load_lens(directory, model)
+
+
+__all__ = [
+    "add_model_args",
+    "add_score_first_arg",
+    "add_text_args",
+    "load_model_from_args",
+    "positive_int",
+    "read_lens_arg",
+    "read_probe",
+    "text_spec_from_args",
+    "texts_from_args",
+]

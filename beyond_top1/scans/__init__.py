@@ -1,0 +1,40 @@
+"""Rank trajectories and saturation events over a corpus, streamed (000/001; see
+docs/definitions.md): the one scan loop (:mod:`~beyond_top1.scans.run`) and what it keeps
+(:mod:`~beyond_top1.scans.result`)."""
+
+from beyond_top1.data import texts_fingerprint
+from beyond_top1.scans.result import (
+    FINAL_FILES,
+    SATURATION_FILE,
+    SETTINGS_FILE,
+    SHARDS_DIR,
+    SUMMARY_FILE,
+    TEXTS_FILE,
+    TIMING_FILE,
+    TRAJECTORIES_FILE,
+    TRAJECTORY_FIELDS,
+    ScanFileError,
+    ScanResult,
+    load_scan,
+    save_scan,
+)
+from beyond_top1.scans.run import MARGIN_TOLERANCE, scan
+
+__all__ = [
+    "FINAL_FILES",
+    "MARGIN_TOLERANCE",
+    "SATURATION_FILE",
+    "SETTINGS_FILE",
+    "SHARDS_DIR",
+    "SUMMARY_FILE",
+    "TEXTS_FILE",
+    "TIMING_FILE",
+    "TRAJECTORIES_FILE",
+    "TRAJECTORY_FIELDS",
+    "ScanFileError",
+    "ScanResult",
+    "load_scan",
+    "save_scan",
+    "scan",
+    "texts_fingerprint",
+]

@@ -1,0 +1,300 @@
+"""The scan: every corpus-level read-out goes through this one loop.
+
+:func:`scan` runs texts through a model batch by batch and reads every layer through one or
+several lenses, keeping per scored position only compact results (see
+:class:`~beyond_top1.scans.ScanResult`): top-k ids, their log-probs and the final tokens' ranks
+per lens, the hidden-state cosine between consecutive layers, ``s_1..s_k``, and, given a task
+probe, its prediction at every layer. Nothing of size ``[tokens, layers, vocab]`` outlives one
+layer of one batch. Early-exit signals are derived from a scan
+(:meth:`~beyond_top1.early_exit.ExitSignals.from_scan`).
+
+With ``out=DIR`` the scan writes one shard per ``shard_batches`` batches (atomically), so an
+interrupted run continues with ``resume=True`` without redoing finished shards; resuming a
+finished scan just loads it. Re-running with the same arguments writes identical files.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from beyond_top1 import hooked
+from beyond_top1.activations import stream_residuals
+from beyond_top1.data import (
+    DEFAULT_SCORE_FIRST,
+    check_batch_size,
+    resolve_max_len,
+    text_list,
+    texts_fingerprint,
+)
+from beyond_top1.fileio import OutputFolder
+from beyond_top1.lenses import Lens, resolve_lens
+from beyond_top1.probes import apply_probe, probe_identity
+from beyond_top1.ranking import DEFAULT_CANDIDATES, PRECISIONS, lens_topk
+from beyond_top1.saturation import saturation_layers
+from beyond_top1.scans.result import (
+    LENS_FIELDS,
+    SCAN_KIND,
+    ScanResult,
+    ShardStore,
+    legacy_scan_files,
+    load_scan,
+    save_scan,
+    warn_ordering_arguments,
+)
+
+MARGIN_TOLERANCE = 1e-4  # bf16: p_1 - p_2 less certain than this is read again in fp32
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_lens(lens: Lens, resid, k: int, precision: str, n_candidates: int):
+    """One lens' read-out of ``resid [T, L, d]``; with bf16 proposals, the positions whose
+    ``p_1 - p_2`` bound exceeds :data:`MARGIN_TOLERANCE` are read again in fp32 (the bf16
+    log-normaliser is bounded only to ~0.02 nats). Returns the arrays and that count."""
+    L = lens.n_layers
+    readout = lens_topk(
+        lens, resid, tuple(range(L)), k, precision=precision, n_candidates=n_candidates
+    )
+    logprobs = readout.top_logprobs
+    reread = 0
+    if readout.precision == "bf16" and k >= 2:
+        probs = logprobs[..., :2].double().exp()
+        bound = probs.sum(-1) * torch.expm1(readout.logprob_error.double())
+        loose = (bound > MARGIN_TOLERANCE).any(-1).nonzero().squeeze(-1)
+        if len(loose):
+            again = lens_topk(lens, resid[loose], tuple(range(L)), k, precision="fp32")
+            logprobs = logprobs.clone()
+            logprobs[loose] = again.top_logprobs
+            reread = len(loose)
+    arrays = {
+        "top_ids": readout.top_ids.cpu().numpy().astype(np.int32),
+        "final_ranks": readout.final_ranks.clamp_max(2**31 - 1).cpu().numpy().astype(np.int32),
+        "top_logprobs": logprobs.cpu().numpy().astype(np.float32),
+    }
+    return arrays, reread
+
+
+def _scan_batch(batch, lenses: Mapping[str, Lens], k, precision, n_candidates, probe) -> dict:
+    """Compact numpy results for one :class:`~beyond_top1.activations.ResidualBatch`."""
+    resid = batch.resid  # [T, L+1, d]: embedding, then resid_post 0..L-1
+    out = {
+        "text_id": batch.text_ids.cpu().numpy().astype(np.int64),
+        "pos": batch.positions.cpu().numpy().astype(np.int64),
+        "token_id": batch.token_ids.cpu().numpy().astype(np.int64),
+        "next_token_id": batch.next_token_ids.cpu().numpy().astype(np.int64),
+    }
+    reread = 0
+    for index, (name, lens) in enumerate(lenses.items()):
+        arrays, n = _read_lens(lens, resid[:, 1:], k, precision, n_candidates)
+        reread += n
+        prefix = "" if index == 0 else f"lens/{name}/"
+        out.update({prefix + key: value for key, value in arrays.items()})
+    out["reread"] = np.array([reread], dtype=np.int64)
+    with torch.inference_mode():
+        cos = torch.nn.functional.cosine_similarity(
+            resid[:, 1:].float(), resid[:, :-1].float(), dim=-1
+        )
+    out["resid_cos"] = cos.cpu().numpy().astype(np.float32)
+    if probe is not None:
+        tasks, settled = apply_probe(probe, resid[:, 1:])
+        out["probe_task"] = tasks
+        if settled is not None:
+            out["probe_settled"] = settled
+    return out
+
+
+def _assemble(parts: list[dict], settings: dict, texts: list[str]) -> ScanResult:
+    n_layers, k = settings["n_layers"], settings["k"]
+
+    def cat(key, shape, dtype):
+        arrays = [p[key] for p in parts if key in p]
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(shape, dtype)
+
+    lens_shape = (0, n_layers, k)
+    dtypes = {"top_ids": np.int32, "final_ranks": np.int32, "top_logprobs": np.float32}
+    first = {key: cat(key, lens_shape, dtypes[key]) for key in LENS_FIELDS}
+    s = saturation_layers(torch.as_tensor(first["top_ids"])).numpy().astype(np.int64)
+    frame = pd.DataFrame(
+        {key: cat(key, (0,), np.int64) for key in ("text_id", "pos", "token_id", "next_token_id")}
+    )
+    for i in range(k):
+        frame[f"top_{i + 1}_id"] = first["top_ids"][:, -1, i].astype(np.int64)
+    for i in range(k):
+        frame[f"s_{i + 1}"] = s[:, i]
+    others = {
+        name: {key: cat(f"lens/{name}/{key}", lens_shape, dtypes[key]) for key in LENS_FIELDS}
+        for name in settings.get("lenses", [])[1:]
+    }
+    has_probe = settings.get("probe") is not None
+    settled = [p for p in parts if "probe_settled" in p]
+    return ScanResult(
+        saturation=frame,
+        resid_cos=cat("resid_cos", (0, n_layers), np.float32),
+        settings=settings,
+        other_lenses=others,
+        probe_task=cat("probe_task", (0, n_layers), np.int16) if has_probe else None,
+        probe_settled=cat("probe_settled", (0, n_layers), np.float32) if settled else None,
+        texts=texts,
+        info={"positions_reread_in_fp32": int(sum(int(p["reread"][0]) for p in parts))},
+        **first,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The scan
+# ---------------------------------------------------------------------------------------------
+
+
+def _named_lenses(model, lens) -> dict[str, Lens]:
+    """``{name: lens}`` from one lens (or ``"logit"``, a folder) or a mapping of them."""
+    if isinstance(lens, Mapping):
+        if not lens:
+            raise ValueError("give at least one lens")
+        return {str(n): resolve_lens(model, x, name=f"lens {n!r}") for n, x in lens.items()}
+    resolved = resolve_lens(model, lens)
+    return {resolved.kind: resolved}
+
+
+def scan(
+    model,
+    texts: Iterable[str],
+    *,
+    lens: Lens | str | Path | Mapping[str, Lens] | None = None,
+    k: int = 5,
+    batch_size: int = 8,
+    max_len: int | None = None,
+    precision: str = "fp32",
+    n_candidates: int = DEFAULT_CANDIDATES,
+    probe=None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    shard_batches: int = 4,
+    lens_source: str | None = None,
+    texts_description: str | None = None,
+    progress: bool = True,
+    score_first: bool = DEFAULT_SCORE_FIRST,
+    **ordering,
+) -> ScanResult:
+    """Rank trajectories and saturation layers for every scored position of ``texts``.
+
+    Args:
+        model: a ``HookedTransformer``.
+        texts: a list of strings (kept with the result, and in ``out``).
+        lens: how layers are read: a :class:`~beyond_top1.lenses.Lens` of ``model``,
+            ``"logit"`` (the default) or a saved lens folder; or ``{name: lens}`` to read
+            several lenses in the same pass (the first one gives ``saturation``).
+        k: ranks tracked; ``s_1..s_k`` are computed (``1 <= k <= vocab``).
+        batch_size, max_len: texts per forward pass; tokens per text (default 128).
+        precision: which GEMM proposes candidates, ``"fp32"`` or ``"bf16"``: the exact rule
+            gives the same top-k ids, ranks within ``k`` and saturation layers either way;
+            ranks beyond ``k`` and log-probs carry the bounds of :mod:`beyond_top1.ranking`.
+        probe: a task probe (anything with ``predict``) applied to ``resid_post`` at every
+            layer: the early-exit probe criteria read its predictions.
+        out: a folder to write shards and final files to (resumable; see module docstring).
+        resume: continue an interrupted run in ``out`` (settings must match); on a finished
+            scan, load it.
+        lens_source: how the lens was given (e.g. its folder), recorded in the settings.
+        texts_description: how the texts were chosen, recorded in the settings.
+        score_first: score position 0 of a model without BOS (default: not; it is the
+            attention sink, see :mod:`beyond_top1.data`).
+
+        ordering: the old ``n_permutations`` (ignored with a warning: ordering statistics are
+            computed by :meth:`ScanResult.ordering`).
+
+    Returns:
+        A :class:`~beyond_top1.scans.ScanResult`.
+    """
+    warn_ordering_arguments("scan", ordering)
+    lenses = _named_lenses(model, lens)
+    texts = text_list(texts)
+    vocab = hooked.d_vocab(model)
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if shard_batches < 1:
+        raise ValueError(f"shard_batches must be >= 1, got {shard_batches}")
+    check_batch_size(batch_size)
+    first = next(iter(lenses.values()))
+    settings = {
+        "model_name": hooked.model_name(model),
+        "unembedding_fingerprint": hooked.unembedding_fingerprint(model),
+        "n_layers": hooked.n_layers(model),
+        "lens": lens_source or next(iter(lenses)),
+        "lens_kind": first.kind,
+        "k": k,
+        "precision": precision,
+        "n_candidates": n_candidates if precision == "bf16" else None,
+        "batch_size": batch_size,
+        "max_len": resolve_max_len(model, max_len),
+        "n_texts": len(texts),
+        "texts": texts_description,
+        "texts_sha256": texts_fingerprint(texts),
+        "shard_batches": shard_batches,
+        "score_first": bool(score_first),
+    }
+    if len(lenses) > 1:  # recorded only when used, so one-lens settings stay as they were
+        settings["lenses"] = list(lenses)
+        settings["lens_kinds"] = {name: lens.kind for name, lens in lenses.items()}
+    if probe is not None:
+        settings["probe"] = probe_identity(probe)
+    run = functools.partial(_run_scan, model, texts, lenses, settings, n_candidates, probe)
+    if out is None:
+        return run(store=None, progress=progress)[0]
+    with OutputFolder(out, SCAN_KIND, adopt=legacy_scan_files(Path(out))) as folder:
+        store = ShardStore(folder, settings, resume)
+        if store.complete:
+            return load_scan(folder.path)
+        result, timing = run(store=store, progress=progress)
+        save_scan(result, folder)
+        store.finish(timing)
+    return result
+
+
+def _run_scan(model, texts, lenses, settings, n_candidates, probe, *, store, progress):
+    """The loop: every batch read once, shards written (and skipped) through ``store``."""
+    L, k, shard_batches = settings["n_layers"], settings["k"], settings["shard_batches"]
+    parts = store.completed_prefix() if store else []  # finished shards are never recomputed
+    start = time.perf_counter()
+    n_tokens = 0
+    pending: list[dict] = []
+    batches = stream_residuals(
+        model,
+        texts,
+        layers=(-1, *range(L)),
+        batch_size=settings["batch_size"],
+        max_len=settings["max_len"],
+        skip_batches=len(parts),
+        progress=progress,
+        score_first=settings["score_first"],
+    )
+    for batch in batches:
+        pending.append(_scan_batch(batch, lenses, k, settings["precision"], n_candidates, probe))
+        n_tokens += len(batch)
+        if len(pending) == shard_batches:
+            if store:
+                store.write((batch.batch_index + 1) // shard_batches - 1, pending)
+            parts.extend(pending)
+            pending = []
+    if pending:
+        if store:
+            store.write(len(parts) // shard_batches, pending)
+        parts.extend(pending)
+    result = _assemble(parts, dict(settings), texts)
+    seconds = time.perf_counter() - start
+    timing = {"seconds": round(seconds, 2), "tokens_scanned_now": n_tokens}
+    timing["tokens_per_second"] = round(n_tokens / seconds, 2) if seconds > 0 else None
+    return result, timing
+
+
+__all__ = ["MARGIN_TOLERANCE", "scan"]
