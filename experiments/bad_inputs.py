@@ -47,13 +47,25 @@ def seed_user_files(root: Path) -> None:
     (root / "many.txt").write_text("\n".join(sentences) + "\n")
 
 
+def default_sigint() -> None:
+    """Ctrl-C as in a terminal: a shell starts background jobs with SIGINT ignored, and a
+    child inherits that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args: str, cwd: Path, interrupt_after: float | None = None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [sys.executable, "-m", "beyond_top1", *args]
     if interrupt_after is None:
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
     )
     deadline = time.time() + 300
     shards = cwd / "runs" / "interrupted" / "shards"
@@ -84,8 +96,8 @@ def two_writers(scan: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """A second ``--resume`` on the folder while a first one is running: the second's result."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [sys.executable, "-m", "beyond_top1", *scan, "--resume"]
-    first = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(command, cwd=cwd, env=env, preexec_fn=default_sigint, **pipes)
     lock = cwd / "runs" / "interrupted" / ".beyond-top1.lock"
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None and not held(lock):
@@ -203,9 +215,9 @@ def main(argv=None) -> None:
         if result.returncode == 0:  # what it printed, not its progress bars
             message = (result.stdout.strip().splitlines() or [""])[0]
         else:  # the tool's own line (progress bars end in carriage returns)
-            lines = result.stderr.replace("\r", "\n").splitlines()
-            ours = [line for line in lines if line.startswith("beyond-top1")]
-            message = (ours or [line for line in lines if line.strip()] or [""])[0]
+            err = result.stderr.replace("\r", "\n").splitlines()
+            ours = [line for line in err if line.startswith("beyond-top1")]
+            message = (ours or [line for line in err if line.strip()] or [""])[0]
         lost = [k for k in before if before[k] != after.get(k)]
         lines.append(
             f"| {name} | {result.returncode} | {message[:160].replace('|', '/')} | "
