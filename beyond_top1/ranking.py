@@ -1,6 +1,7 @@
 """Exact top-k read-outs through a lens: the per-batch kernel behind every scan.
 
-See docs/conventions.md, "Exact read-outs".
+See docs/conventions.md, "Exact read-outs". (Over 600 lines on purpose: the kernels and the
+error bounds that make them exact belong together; split, a bound could drift from its code.)
 
 **The exact rule.** At a layer, the order of the vocabulary is the order of the exact logits
 ``E_j = x · W_j + b_j``: ``x`` is the fp32 normed residual (the lens map and the final norm are
