@@ -208,7 +208,8 @@ def main(argv=None) -> None:
     rows.append(("--resume on the finished scan", cli(*scan, "--resume", cwd=root), before,
                  snapshot(root)))  # fmt: skip
     lines = [
-        "| case | exit | message (first line of stderr) | traceback | user files lost or changed |",
+        "| case | exit | message (its own line: stderr on error, stdout on success) | traceback "
+        "| user files lost or changed |",
         "|---|---|---|---|---|",
     ]
     for name, result, before, after in rows:
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
             message = (result.stdout.strip().splitlines() or [""])[0]
         else:  # the tool's own line (progress bars end in carriage returns)
             err = result.stderr.replace("\r", "\n").splitlines()
-            ours = [line for line in err if line.startswith("beyond-top1")]
+            ours = [line[line.index("beyond-top1") :] for line in err if "beyond-top1" in line]
             message = (ours or [line for line in err if line.strip()] or [""])[0]
         lost = [k for k in before if before[k] != after.get(k)]
         lines.append(
