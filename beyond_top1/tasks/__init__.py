@@ -31,9 +31,7 @@ import importlib
 from beyond_top1.tasks.common import AnalysisUnavailable
 from beyond_top1.tasks.texts import TextSpec
 
-__all__ = [
-    "AnalysisUnavailable",
-    "TextSpec",
+_TASKS = (
     "early_exit",
     "generation",
     "interventions",
@@ -45,8 +43,8 @@ __all__ = [
     "replacement",
     "scan",
     "views",
-]
-_TASKS = frozenset(__all__[2:])
+)
+__all__ = ["AnalysisUnavailable", "TextSpec", *_TASKS]
 
 
 def __getattr__(name: str):
