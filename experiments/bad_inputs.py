@@ -21,7 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from beyond_top1.fileio import write_signed_file
+
 MODEL = ["--model", "untrained:gpt2-small"]  # offline, loads in seconds
+HEADER = (
+    "| case | exit | message (its own line: stderr on error, stdout on success) | traceback "
+    "| user files lost or changed |"
+)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -183,6 +189,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args(argv)
+    if args.out and Path(args.out).exists() and HEADER.encode() not in Path(args.out).read_bytes():
+        p.error(f"--out {args.out}: refusing to replace a file this script did not write")
     root = Path(tempfile.mkdtemp(prefix="bad-inputs-"))
     seed_user_files(root)
     # a lens fitted on another model, for the last case
@@ -207,11 +215,7 @@ def main(argv=None) -> None:
                  before, snapshot(root)))  # fmt: skip
     rows.append(("--resume on the finished scan", cli(*scan, "--resume", cwd=root), before,
                  snapshot(root)))  # fmt: skip
-    lines = [
-        "| case | exit | message (its own line: stderr on error, stdout on success) | traceback "
-        "| user files lost or changed |",
-        "|---|---|---|---|---|",
-    ]
+    lines = [HEADER, "|---|---|---|---|---|"]
     for name, result, before, after in rows:
         if result.returncode == 0:  # what it printed, not its progress bars
             message = (result.stdout.strip().splitlines() or [""])[0]
@@ -227,8 +231,8 @@ def main(argv=None) -> None:
         )
     table = "\n".join(lines)
     print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    if args.out:  # replaces only a table this script wrote (its header is the signature)
+        write_signed_file(args.out, lambda tmp: tmp.write_text(table + "\n"), HEADER.encode())
     shutil.rmtree(root, ignore_errors=True)
 
 
