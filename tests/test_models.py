@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import shutil
 
 import pytest
@@ -68,7 +69,7 @@ def test_half_written_or_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, smollm2
     shutil.copytree(source, target)
     assert models._cache_is_complete(target)
 
-    weights = target / "weights.safetensors"
+    weights = target / json.loads((target / "manifest.json").read_text())["weights"]
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated by a killed write
     assert not models._cache_is_complete(target)
     (target / "manifest.json").unlink()  # and a folder with no manifest is incomplete too

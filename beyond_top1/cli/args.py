@@ -22,7 +22,12 @@ def positive_int(value: str) -> int:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--model``, ``--device`` and ``--seed`` to ``parser``."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model name, Hugging Face 'org/name' or local Hugging Face folder (the last two on "
+        "TransformerLens 4; default: %(default)s)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for untrained models, text order and training"

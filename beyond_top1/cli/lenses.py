@@ -33,6 +33,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
             print(f"  {name}")
     else:
         print("add --all for the models TransformerLens loads from the Hugging Face hub")
+    from beyond_top1.bridge import transformer_lens_major
+
+    if transformer_lens_major() >= 4:
+        print("also: any Hugging Face causal LM, as 'org/name' or a local save_pretrained folder")
     return 0
 
 

@@ -169,5 +169,11 @@ def add_parsers(commands) -> None:
         default=32,
         help="patched runs per forward pass (--rows-per-batch is the old name)",
     )
-    iv.add_argument("--engine", default="cached", choices=["cached", "full"])
+    iv.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "cached", "full"],
+        help="cached: run only the target token on the unpatched keys/values (TransformerLens "
+        "3.9); full: re-run each text; auto (default): cached where supported",
+    )
     iv.set_defaults(run=_cmd_intervene)

@@ -9,6 +9,7 @@ row). Negative values count from the end, as in Python.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -23,8 +24,19 @@ Key = tuple["int | None", int]
 _QUERY_KEY_HOOKS = ("hook_pattern", "hook_attn_scores")
 
 
+# TransformerLens 4's bridge names the block's input and output hooks ``blocks.{l}.hook_in`` /
+# ``hook_out`` and keeps HookedTransformer's names as aliases; a hook function is handed the
+# hook point under its own name. Stores are keyed by the HookedTransformer name on both lines.
+_BRIDGE_BLOCK_NAMES = re.compile(r"^(blocks\.\d+)\.hook_(in|out)$")
+
+
 def hook_name(hook) -> str:
-    return str(getattr(hook, "name", None) or "<unnamed hook>")
+    """The hook's name as HookedTransformer spells it (the name users register)."""
+    name = str(getattr(hook, "name", None) or "<unnamed hook>")
+    match = _BRIDGE_BLOCK_NAMES.match(name)
+    if match:
+        return f"{match[1]}.hook_resid_{'pre' if match[2] == 'in' else 'post'}"
+    return name
 
 
 def check_layout(activation: Tensor, hook) -> str:

@@ -6,7 +6,14 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-from beyond_top1.hooks._common import HookFn, check_layout, parse_positions, read_cells, resolve
+from beyond_top1.hooks._common import (
+    HookFn,
+    check_layout,
+    hook_name,
+    parse_positions,
+    read_cells,
+    resolve,
+)
 
 
 def record(store: dict[str, Tensor], *, detach: bool = True) -> HookFn:
@@ -21,7 +28,7 @@ def record(store: dict[str, Tensor], *, detach: bool = True) -> HookFn:
     """
 
     def hook_fn(activation: Tensor, hook) -> None:
-        store[hook.name] = activation.detach().clone() if detach else activation
+        store[hook_name(hook)] = activation.detach().clone() if detach else activation
 
     return hook_fn
 

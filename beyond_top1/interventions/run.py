@@ -123,7 +123,7 @@ def intervene(
     controls: bool = True,
     probe=None,
     runs_per_batch: int = 32,
-    engine: str = "cached",
+    engine: str = "auto",
     texts_per_run: int = 8,
     precision: str | None = None,
     seed: int = 0,
@@ -147,10 +147,12 @@ def intervene(
         probe: a fitted :class:`~beyond_top1.probes.TaskProbe` for this model, fitted on texts
             other than the targets' (checked).
         runs_per_batch: patched runs per forward pass.
-        engine: ``"cached"`` (default) runs only the target token of each patched run on top of
+        engine: ``"cached"`` runs only the target token of each patched run on top of
             the unpatched keys and values of the positions before it
-            (:func:`patch_and_read_cached`); ``"full"`` re-runs every row's text up to its last
-            used position (:func:`patch_and_read`). Both compute the same thing (tested).
+            (:func:`patch_and_read_cached`; ``HookedTransformer`` only); ``"full"`` re-runs every
+            row's text up to its last used position (:func:`patch_and_read`). Both compute the
+            same thing (tested). ``"auto"`` (default): ``"cached"`` where the model supports it,
+            else ``"full"`` (a TransformerLens 4 bridge).
         texts_per_run: texts whose unpatched states are held at once (``"cached"``).
         precision: of the lens read-out (default: the scan's); the top-1 ids are exact either way.
         seed: pair sampling and donors.
@@ -168,8 +170,15 @@ def intervene(
             stacklevel=2,
         )
         runs_per_batch = batch_size
-    if engine not in ("cached", "full"):
-        raise ValueError(f"engine must be 'cached' or 'full', got {engine!r}")
+    if engine not in ("auto", "cached", "full"):
+        raise ValueError(f"engine must be 'auto', 'cached' or 'full', got {engine!r}")
+    if engine == "auto":
+        engine = "cached" if hooked.supports_tl_kv_cache(model) else "full"
+    elif engine == "cached" and not hooked.supports_tl_kv_cache(model):
+        raise ValueError(
+            "engine='cached' needs a TransformerLens key/value cache, which a TransformerLens 4 "
+            "TransformerBridge does not have; use engine='full' (or 'auto')"
+        )
     texts = scan_texts(scan, texts)
     check_scan_matches(model, scan, texts)
     L = hooked.n_layers(model)

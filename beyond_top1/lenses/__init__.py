@@ -13,6 +13,7 @@ from beyond_top1.lenses.linear import LinearShortcutLens
 from beyond_top1.lenses.logit import LogitLens
 from beyond_top1.lenses.resolve import lens_set, resolve_lens
 from beyond_top1.lenses.tuned import TunedLens, TunedLensTraining, train_tuned_lens
+from beyond_top1.lenses.tuned_lens_format import TunedLensHashWarning
 
 __all__ = [
     "LENS_KINDS",
@@ -22,6 +23,7 @@ __all__ = [
     "LinearShortcutLens",
     "LogitLens",
     "TunedLens",
+    "TunedLensHashWarning",
     "TunedLensTraining",
     "load_lens",
     "register_lens_kind",

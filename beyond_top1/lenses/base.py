@@ -64,9 +64,10 @@ class Lens(nn.Module):
         """An empty lens of the right shapes for ``model``, from :meth:`config`'s output."""
         return cls(model)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write this lens to ``directory`` (see :func:`beyond_top1.lenses.io.save_lens`)."""
-        return save_lens(self, directory)
+    def save(self, directory: str | Path, *, format: str = "beyond-top1") -> Path:
+        """Write this lens to ``directory`` (see :func:`beyond_top1.lenses.io.save_lens`;
+        ``format="tuned-lens"`` for the tuned-lens package's folders)."""
+        return save_lens(self, directory, format=format)
 
     def extra_repr(self) -> str:
         return f"model={hooked.model_name(self.model)!r}, n_layers={self.n_layers}"

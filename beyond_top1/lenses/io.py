@@ -1,5 +1,9 @@
 """Lens artefacts: a folder with ``config.json`` and ``weights.safetensors``.
 
+:func:`save_lens` with ``format="tuned-lens"`` writes, and :func:`load_lens` also reads, the folders
+of EleutherAI's ``tuned-lens`` package (``config.json`` and ``params.pt``); see
+:mod:`beyond_top1.lenses.tuned_lens_format`.
+
 ``config.json`` records the lens kind, the model it was fitted for (name, dimensions and
 :func:`~beyond_top1.hooked.unembedding_fingerprint`), the package version, the lens' own settings
 (``Lens.config()``, including how it was fitted) and the SHA-256 of the weights file. Loading
@@ -74,6 +78,10 @@ def _sha256(path: Path) -> str:
 LENS_KIND = "lens"
 HISTORY_FILE = "training_history.csv"
 _LENS_FILES = (CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE)
+TUNED_LENS_PARAMS_FILE = "params.pt"  # the tuned-lens format's (tuned_lens_format)
+TUNED_LENS_SIDECAR_FILE = "beyond_top1_lens.json"
+_ALL_LENS_FILES = (*_LENS_FILES, TUNED_LENS_PARAMS_FILE, TUNED_LENS_SIDECAR_FILE)
+FORMATS = ("beyond-top1", "tuned-lens")
 
 
 def _legacy_lens_files(directory: Path) -> tuple[str, ...]:
@@ -104,7 +112,7 @@ def check_lens_destination(directory: str | Path | OutputFolder) -> None:
     folder = directory
     if not isinstance(folder, OutputFolder):
         folder = OutputFolder(directory, LENS_KIND, adopt=_legacy_lens_files(Path(directory)))
-    taken = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not folder.owns(name)]
+    taken = [name for name in _ALL_LENS_FILES if name != HISTORY_FILE and not folder.owns(name)]
     foreign = folder.foreign() if folder.path.is_dir() else []
     if taken or (foreign and not folder.files):
         shown = ", ".join((taken or foreign)[:3]) + (", ..." if len(taken or foreign) > 3 else "")
@@ -114,13 +122,31 @@ def check_lens_destination(directory: str | Path | OutputFolder) -> None:
         )
 
 
-def save_lens(lens: Lens, directory: str | Path) -> Path:
+def remove_stale(folder: OutputFolder, keep: tuple[str, ...]) -> None:
+    """Delete the lens files other than ``keep`` that this toolkit wrote into ``folder`` (a
+    previous lens' history, the other format's files)."""
+    for name in _ALL_LENS_FILES:
+        if name not in keep and (folder.path / name).exists() and folder.owns(name):
+            (folder.path / name).unlink()
+
+
+def save_lens(lens: Lens, directory: str | Path, *, format: str = "beyond-top1") -> Path:
     """Write ``lens`` to ``directory``: ``weights.safetensors``, then ``config.json`` (which
     holds the weights' checksum), each atomically, and a tuned lens' ``training_history.csv``.
+
+    ``format="tuned-lens"`` writes the tuned-lens package's folder instead (``params.pt`` and
+    ``config.json``, plus ``beyond_top1_lens.json``), for a tuned lens or any affine lens:
+    :func:`beyond_top1.lenses.tuned_lens_format.save_tuned_lens`.
 
     Only a folder holding nothing, or a lens this toolkit saved, is written to; the lens files of
     another origin are refused (:class:`LensFileError`) and other files are left alone.
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "tuned-lens":
+        from beyond_top1.lenses.tuned_lens_format import save_tuned_lens
+
+        return save_tuned_lens(lens, directory)
     state = {k: v.detach().to("cpu").contiguous() for k, v in lens.state_dict().items()}
     with lens_folder(directory) as folder:
         weights = folder.write(WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
@@ -137,8 +163,7 @@ def save_lens(lens: Lens, directory: str | Path) -> Path:
         history = getattr(lens, "training_history", None)  # a tuned lens' training curve
         if history is not None:
             folder.write_csv(HISTORY_FILE, history)
-        elif (folder.path / HISTORY_FILE).exists() and folder.owns(HISTORY_FILE):
-            (folder.path / HISTORY_FILE).unlink()  # a previous lens' history, not this one's
+        remove_stale(folder, keep=_LENS_FILES if history is not None else _LENS_FILES[:2])
     return folder.path
 
 
@@ -166,6 +191,12 @@ def read_lens_config(directory: str | Path) -> dict:
         raise _corrupt(directory, f"{CONFIG_FILE} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise _corrupt(directory, f"{CONFIG_FILE} does not hold a JSON object")
+    if "kind" not in config and "format_version" not in config:
+        raise LensFileError(
+            f"{directory} is not a lens folder: its {CONFIG_FILE} is neither a beyond-top1 lens "
+            "config (format_version, kind, ...) nor a tuned-lens one (d_model, "
+            "num_hidden_layers, ...). Check the path."
+        )
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise _corrupt(directory, f"{CONFIG_FILE} lacks the keys {missing}")
@@ -208,11 +239,19 @@ def _read_weights(directory: Path, config: dict) -> dict:
 def load_lens(directory: str | Path, model) -> Lens:
     """Load a lens saved by :func:`save_lens` for ``model`` (checked against the saved model).
 
+    A tuned-lens package folder (``config.json`` with tuned-lens' keys, and ``params.pt``) is
+    read as a :class:`~beyond_top1.lenses.tuned.TunedLens`:
+    :func:`beyond_top1.lenses.tuned_lens_format.load_tuned_lens`.
+
     Raises:
         LensFileError: the folder is missing or corrupt, the kind is unknown, or the lens was
             saved for another model.
     """
     directory = Path(directory)
+    from beyond_top1.lenses.tuned_lens_format import is_tuned_lens_folder, load_tuned_lens
+
+    if is_tuned_lens_folder(directory):
+        return load_tuned_lens(directory, model)
     config = read_lens_config(directory)
     kind = config["kind"]
     if kind not in LENS_KINDS:
@@ -231,6 +270,7 @@ def load_lens(directory: str | Path, model) -> Lens:
 
 
 __all__ = [
+    "FORMATS",
     "LENS_KINDS",
     "LensFileError",
     "check_lens_destination",
@@ -238,5 +278,6 @@ __all__ = [
     "load_lens",
     "read_lens_config",
     "register_lens_kind",
+    "remove_stale",
     "save_lens",
 ]

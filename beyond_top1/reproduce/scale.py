@@ -65,12 +65,12 @@ SCALES = {
     # Tiny: for tests and smoke runs (seconds; the numbers mean nothing).
     "test": Scale(
         name="test",
-        max_len=24,
+        max_len=32,  # 12 texts x 32 tokens: enough pairs and probe classes on tiny random models
         batch_size=4,
         precision="fp32",  # bf16's fast path only pays off for real vocabularies and widths
         lens_fit_texts=6,
         lens_eval_texts=2,
-        scan_texts=8,
+        scan_texts=12,
         probe_max_per_class=50,
         probe_folds=2,
         intervention_pairs=3,

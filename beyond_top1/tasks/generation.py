@@ -21,6 +21,7 @@ from beyond_top1.early_exit import (
 from beyond_top1.fileio import OutputFolder, output_folder
 from beyond_top1.lenses import Lens
 from beyond_top1.runtime import threads
+from beyond_top1.tasks.common import AnalysisUnavailable
 
 KIND = "early-exit-generate"
 SUMMARY_FILE = "generation.csv"
@@ -92,6 +93,10 @@ def run(
         raise ValueError(f"lens {config.lens!r} is not loaded; have {sorted(lenses)}")
     if not config.prompts:
         raise ValueError("no prompts to decode")
+    try:
+        hooked.check_stepwise_decoding(model)
+    except NotImplementedError as exc:
+        raise AnalysisUnavailable(f"early-exit decoding: {exc}") from None
     lens = lenses[config.lens]
     criterion = make_criterion(
         config.criterion, config.theta, min_layer=config.min_layer, probe=probe, n_avg=config.n_avg

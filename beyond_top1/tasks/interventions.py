@@ -38,7 +38,7 @@ class InterventionsConfig:
     controls: bool = True
     targets_from: int = 0
     runs_per_batch: int = 32
-    engine: str = "cached"
+    engine: str = "auto"
     seed: int = 0
 
 
