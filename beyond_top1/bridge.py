@@ -3,9 +3,10 @@
 TransformerLens 4 removed ``HookedTransformer``; its ``TransformerBridge`` wraps a Hugging Face
 model and, after ``enable_compatibility_mode()``, gives the same hook names
 (``blocks.{l}.hook_resid_post``), the same processed weights (folded norms, centred writing
-weights and unembedding) and the same ``run_with_hooks`` / ``hooks()`` / ``run_with_cache`` as
-``HookedTransformer`` did. This module boots one from a Hugging Face model object, a local
-folder or a hub name; :mod:`beyond_top1.models` decides which line to use.
+weights and unembedding, where the architecture allows them) and the same ``run_with_hooks`` /
+``hooks()`` / ``run_with_cache`` as ``HookedTransformer`` did. This module boots one from a
+Hugging Face model object, a local folder or a hub name; :mod:`beyond_top1.models` decides which
+line to use.
 
 Everything here imports ``transformer_lens`` (4.x) and ``transformers`` inside the functions.
 """
@@ -30,12 +31,14 @@ def transformer_lens_major() -> int:
 
 
 @contextlib.contextmanager
-def quiet():
-    """Silence transformers' and TransformerLens' progress bars, notices and log lines."""
+def quiet(*, progress_bars: bool = False):
+    """Silence transformers' and TransformerLens' notices and log lines, and their progress bars
+    unless ``progress_bars`` (keep them for hub downloads, which can take minutes)."""
     from transformers.utils import logging as hf_logging
 
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    if not progress_bars:
+        hf_logging.disable_progress_bar()
     loggers = [logging.getLogger(name) for name in ("root", "transformers", "transformer_lens")]
     levels = [logger.level for logger in loggers]
     try:
@@ -93,6 +96,9 @@ def boot_pretrained(
 ):
     """A compatibility-mode bridge for a hub name or a local Hugging Face folder.
 
+    TransformerLens' weight processing applies where the architecture allows it (it warns and
+    skips centring or folding where it does not).
+
     ``device_map`` / ``n_devices`` are passed to ``TransformerBridge.boot_transformers``
     (accelerate's placement over several devices); they exclude ``device``.
     """
@@ -105,7 +111,7 @@ def boot_pretrained(
         placement["device"] = device
     if n_ctx is not None:
         placement["n_ctx"] = n_ctx
-    with quiet():
+    with quiet(progress_bars=not os.path.isdir(name_or_path)):  # a download shows its progress
         bridge = TransformerBridge.boot_transformers(name_or_path, **placement)
         bridge.enable_compatibility_mode(disable_warnings=True)
     name = Path(name_or_path).name if os.path.isdir(name_or_path) else name_or_path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 from collections.abc import Iterator
 
 import torch
@@ -107,11 +108,11 @@ def _bridge_norm(norm, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps))
     weight = getattr(module, "weight", None)
     if weight is not None:
-        weight = weight.to(x.dtype)
+        weight = weight.to(x.device, x.dtype)
         x = x * ((1.0 + weight) if norm.uses_weight_offset else weight)
     bias = getattr(module, "bias", None)
     if bias is not None and not norm.uses_rms_norm:
-        x = x + bias.to(x.dtype)
+        x = x + bias.to(x.device, x.dtype)
     return x
 
 
@@ -144,7 +145,8 @@ def run_with_residuals(
         _, cache = model.run_with_cache(
             tokens, names_filter=lambda name: name in wanted, return_type=None
         )
-        return torch.stack([cache[name] for name in names], dim=2)
+        device = model_device(model)  # a model placed over several devices caches on each
+        return torch.stack([cache[name].to(device) for name in names], dim=2)
 
 
 def tokenizer(model):
@@ -212,7 +214,7 @@ def check_stepwise_decoding(model) -> None:
     problems = []
     if cfg.positional_embedding_type == "shortformer":
         problems.append("shortformer positional embeddings")
-    if architecture(model) in _POST_NORM_ARCHITECTURES:
+    if architecture(model) in _post_norm_architectures():
         problems.append(f"post-norm architecture {architecture(model)}")
     if cfg.attention_dir != "causal":
         problems.append("bidirectional attention")
@@ -224,6 +226,20 @@ def check_stepwise_decoding(model) -> None:
 
 
 _POST_NORM_ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def _post_norm_architectures() -> tuple[str, ...]:
+    """Ours, plus the list of the installed TransformerLens (its module moved in 4.x)."""
+    names = set(_POST_NORM_ARCHITECTURES)
+    for module in (
+        "transformer_lens.components.transformer_block",  # 3.x
+        "transformer_lens.utilities.architectures",  # 4.x
+    ):
+        try:
+            names |= set(importlib.import_module(module).POST_NORM_ARCHITECTURES)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(sorted(names))
 
 
 def new_kv_cache(model, batch_size: int = 1):
@@ -410,11 +426,7 @@ def check_submodule_layout(model, kinds: tuple[str, ...] = SUBMODULE_KINDS) -> N
         problems.append("the model has no normalisation to replace")
     if getattr(cfg, "attn_only", False) and any(k in ("mlp", "norm2") for k in kinds):
         problems.append("an attention-only model has no MLP")
-    try:
-        from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
-    except ImportError:  # pragma: no cover - older TransformerLens
-        POST_NORM_ARCHITECTURES = ()
-    if architecture(model) in POST_NORM_ARCHITECTURES:
+    if architecture(model) in _post_norm_architectures():
         problems.append(f"post-norm architecture {architecture(model)}")
     if problems:
         raise ValueError(

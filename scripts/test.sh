@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-[ "${TL_LINE:-4}" = 3 ] && VENV=${VENV:-.venv-tl3} || VENV=${VENV:-.venv}
+source scripts/_venv.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$VENV/bin/ruff" check .
 "$VENV/bin/python" -m pytest "$@"

@@ -71,3 +71,83 @@ def test_no_deprecation_warning_reaches_the_user():
         bt.LinearShortcutLens.fit(model, texts, progress=False)
     shown = [w for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)]
     assert not shown, [f"{w.filename}:{w.lineno}: {w.message}" for w in shown]
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A tiny random GPT-2 saved with ``save_pretrained``, tokenizer included."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from beyond_top1.models import _quiet, smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=len(tok))
+    config.bos_token_id = config.eos_token_id = tok.eos_token_id
+    with torch.random.fork_rng(devices=[]), _quiet():
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(config)
+    folder = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_paths_that_are_not_model_folders_say_what_to_do(tmp_path):
+    from beyond_top1.models import UnknownModelError
+
+    with pytest.raises(UnknownModelError, match="does not exist"):
+        bt.load_model(tmp_path / "missing")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(UnknownModelError, match="is a file, not a folder"):
+        bt.load_model(str(tmp_path / "weights.bin"))
+    with pytest.raises(UnknownModelError, match="no config.json"):
+        bt.load_model(tmp_path)
+
+
+@pytest.mark.skipif(not TL4, reason="Hugging Face folders load on TransformerLens 4")
+def test_folder_as_path_bos_override_and_missing_tokenizer(gpt2_folder, tmp_path):
+    import shutil
+
+    from beyond_top1.models import UnknownModelError
+
+    model = bt.load_model(gpt2_folder)  # a pathlib.Path
+    assert hooked.is_bridge(model) and hooked.prepends_bos(model)  # TransformerLens' default
+    plain = bt.load_model(str(gpt2_folder), prepend_bos=False)
+    assert not hooked.prepends_bos(plain)
+    assert bt.tokenize(plain, "Hello")[0] != plain.tokenizer.bos_token_id
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(gpt2_folder / name, bare / name)
+    with pytest.raises(UnknownModelError, match="no tokenizer"):
+        bt.load_model(bare)
+
+
+@pytest.mark.skipif(not TL4, reason="Hugging Face folders load on TransformerLens 4")
+def test_a_model_that_is_not_causal_is_refused(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from beyond_top1.models import UnknownModelError, _quiet, smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        vocab_size=len(tok), max_position_embeddings=64,
+    )  # fmt: skip
+    with _quiet():
+        BertForMaskedLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(UnknownModelError, match="not a causal language model"):
+        bt.load_model(tmp_path)
+
+
+def test_reproduce_ties_stages_to_the_line_and_the_folders_files(tmp_path):
+    from beyond_top1.reproduce.graph import ModelRef
+
+    ref = ModelRef("twin", "untrained:gpt2-small", device="cpu", seed=0)
+    assert ref.identity()["transformer_lens_major"] == (4 if TL4 else 3)
+    (tmp_path / "config.json").write_text("{}")
+    folder = ModelRef("mine", str(tmp_path), device="cpu", seed=0)
+    before = folder.identity()
+    (tmp_path / "model.safetensors").write_bytes(b"new weights")
+    assert folder.identity() != before

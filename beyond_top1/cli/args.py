@@ -25,8 +25,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="model name, Hugging Face 'org/name' or local Hugging Face folder (the last two on "
-        "TransformerLens 4; default: %(default)s)",
+        help="model name, Hugging Face 'org/name' or local Hugging Face folder (a folder, and "
+        "any 'org/name', on TransformerLens 4; default: %(default)s)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument(

@@ -318,9 +318,11 @@ def load_tuned_lens(directory: str | Path, model) -> TunedLens:
                     "(TransformerLens' center_writing_weights), so its residual stream lacks "
                     f"each token's mean, which translator {i} of this lens depends on (its W·1 "
                     "is not a multiple of 1). Load the model without centring its writing "
-                    "weights (e.g. HookedTransformer.from_pretrained(..., "
-                    "center_writing_weights=False)), whose residual is the Hugging Face hidden "
-                    "state."
+                    "weights, whose residual is the Hugging Face hidden state: on "
+                    "TransformerLens 4, bridge = TransformerBridge.boot_transformers(name); "
+                    "bridge.enable_compatibility_mode(center_writing_weights=False); "
+                    "beyond_top1.load_model(bridge); on 3.9, HookedTransformer.from_pretrained"
+                    "(name, center_writing_weights=False)."
                 )
     include_embedding = bool(weights[0].abs().max() > 0 or biases[0].abs().max() > 0)
     lens = TunedLens(model, include_embedding=include_embedding)

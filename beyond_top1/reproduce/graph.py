@@ -73,9 +73,20 @@ class ModelRef:
         return self._model
 
     def identity(self) -> dict:
-        """What ties a stage to this model: its name and seed, or the weights' fingerprint."""
+        """What ties a stage to this model: its name, seed and TransformerLens line (the
+        ``untrained:`` weights depend on the line), plus the folder's files for a local model;
+        or, for a model object, the weights' fingerprint."""
         if isinstance(self._source, str):
-            return {"model": self._source, "model_seed": self.seed}
+            from beyond_top1.bridge import transformer_lens_major
+            from beyond_top1.models import folder_signature
+
+            identity = {
+                "model": self._source,
+                "model_seed": self.seed,
+                "transformer_lens_major": transformer_lens_major(),
+            }
+            signature = folder_signature(self._source)
+            return identity | ({"model_files": signature} if signature else {})
         return {
             "model": self.label,
             "unembedding_fingerprint": hooked.unembedding_fingerprint(self._model),
