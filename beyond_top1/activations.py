@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
 from beyond_top1.data import DEFAULT_SCORE_FIRST, iter_token_batches
+from beyond_top1.progress import tqdm
 
 
 @dataclass

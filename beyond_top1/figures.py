@@ -1,21 +1,39 @@
 """Matplotlib figures for lens metrics and quality-of-fit matrices.
 
-Figures are built as ``matplotlib.figure.Figure`` objects, never through ``pyplot``: no global
-state, no GUI backend, safe in scripts, tests and notebooks (a ``Figure`` renders inline).
+Figures are built as :class:`Figure` objects (``matplotlib.figure.Figure`` that also shows
+itself as a PNG in Jupyter), never through ``pyplot``: no global state, no GUI backend, safe in
+scripts, tests and notebooks, and a figure that is a cell's value displays without
+``%matplotlib inline``.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure as MatplotlibFigure
 
 from beyond_top1.fileio import write_signed_file
 from beyond_top1.lenses.metrics import LENS_METRICS
 from beyond_top1.saturation import OrderingStats, saturation_distribution
+
+
+class Figure(MatplotlibFigure):
+    """A matplotlib ``Figure`` that Jupyter displays as a PNG with no magic.
+
+    Front ends show a cell's value through its ``_repr_png_``; a plain ``Figure`` made without
+    ``pyplot`` has none unless ``%matplotlib inline`` registered one (then that one is used, and
+    the figure still shows once).
+    """
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        return buffer.getvalue()
+
 
 METRIC_LABELS = {
     "r2": "r² to the last layer",
@@ -538,3 +556,13 @@ def plot_submodule_replacement(frame: pd.DataFrame) -> Figure:
 
 
 __all__ += ["plot_refinement_gap", "plot_submodule_replacement"]
+__all__ += ["Figure", "plot_heatmap", "plot_targets"]  # noqa: F822 - the last two load lazily
+
+
+def __getattr__(name: str):
+    """``plot_targets`` and ``plot_heatmap`` live in :mod:`beyond_top1.trajectory_figures`."""
+    if name in ("plot_targets", "plot_heatmap"):
+        from beyond_top1 import trajectory_figures
+
+        return getattr(trajectory_figures, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -137,11 +137,15 @@ def run_with_residuals(
     model,
     tokens: Int[Tensor, "batch pos"],
     layers: tuple[int, ...],
+    *,
+    fwd_hooks=(),
 ) -> Float[Tensor, "batch pos layer d_model"]:
-    """Run the model once, caching only the residual streams of ``layers``."""
+    """Run the model once, caching only the residual streams of ``layers``; ``fwd_hooks``
+    (TransformerLens ``(name, function)`` pairs) are active during the run and removed after."""
     names = [resid_hook_name(l) for l in layers]
     wanted = set(names)
-    with torch.no_grad():  # not inference_mode: callers may train on these tensors
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        # not inference_mode: callers may train on these tensors
         _, cache = model.run_with_cache(
             tokens, names_filter=lambda name: name in wanted, return_type=None
         )

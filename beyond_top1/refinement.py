@@ -38,12 +38,12 @@ import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
 from beyond_top1.data import make_token_batch, split_of, tokenize, wiki_articles
 from beyond_top1.fileio import write_signed_file
 from beyond_top1.lenses import Lens, LogitLens
+from beyond_top1.progress import tqdm
 from beyond_top1.saturation import saturation_layers
 
 TASKS = ("kv", "cloze")

@@ -24,13 +24,13 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
 from beyond_top1.data import DEFAULT_MAX_LEN, DEFAULT_SCORE_FIRST, iter_token_batches
 from beyond_top1.hooks.replace import FwdHooks, linear_replacement_hooks, replace_with_constant
 from beyond_top1.lenses.least_squares import DEFAULT_RIDGE, LeastSquaresAccumulator
 from beyond_top1.lenses.metrics import Moments, coordinate_r2, squared_error
+from beyond_top1.progress import tqdm
 
 DEFAULT_KINDS = ("attn", "mlp", "norm")
 VARIANTS = ("fit", "zero", "identity", "mean")

@@ -156,3 +156,13 @@ def tiny_reproduction(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce") / "run"
     result = reproduce(model, out, scale="test", twins={"tiny-ln": twin}, progress=False, log=None)
     return result, model, twin
+
+
+@pytest.fixture(autouse=True)
+def _fresh_view_session():
+    """Each test starts as a fresh notebook session: its first inline view carries the
+    CircuitsVis bundle (see beyond_top1.viz.view.bundle_mode)."""
+    from beyond_top1.viz.view import bundle_mode
+
+    bundle_mode("once")
+    yield

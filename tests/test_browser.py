@@ -8,6 +8,8 @@ must show the component's tooltip. A CDN page, which needs the network, is the n
 
 from __future__ import annotations
 
+import re
+
 import browser
 import numpy as np
 import pytest
@@ -202,3 +204,114 @@ def test_report_screenshot_is_not_blank(chromium, tiny_reproduction, tmp_path):
     # matplotlib's default blue and orange lines of the lens figures are on the first screen
     blue = (abs(image[..., 0] - 31) < 25) & (abs(image[..., 1] - 119) < 25) & (image[..., 2] > 160)
     assert blue.sum() > 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks: the bundle once per session, reopened and untrusted notebooks, heatmap menus
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ten_views(tmp_path_factory):
+    """The ten-view notebook, executed, saved and read back from disk (as when reopened)."""
+    import os
+
+    import nbformat
+    import notebook_runs
+
+    folder = tmp_path_factory.mktemp("ten_views")
+    saved = dict(os.environ)
+    os.environ.update(notebook_runs.kernel_env(folder / "jupyter"))
+    try:
+        notebook = notebook_runs.execute(notebook_runs.ten_views_notebook(), folder)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    path = folder / "ten_views.ipynb"
+    nbformat.write(notebook, path)
+    return notebook, nbformat.read(path, as_version=4)
+
+
+def _notebook_dom(notebook, path, **kwargs) -> str:
+    import notebook_runs
+
+    path.write_text(notebook_runs.outputs_page(notebook, **kwargs), encoding="utf-8")
+    return browser.render_dom(path, budget_ms=15_000)
+
+
+@pytest.mark.parametrize("which", ["fresh", "reopened"])
+def test_ten_views_render_offline_fresh_and_reopened(chromium, ten_views, which, tmp_path):
+    notebook = ten_views[0] if which == "fresh" else ten_views[1]
+    dom = _notebook_dom(notebook, tmp_path / "page.html")
+    mounts = browser.mounted_components(dom)
+    assert len(mounts) == 8  # the CircuitsVis components of the ten views
+    for mount in mounts:
+        assert not mount.error and mount.n_elements >= 3, (mount.component, mount.text[:200])
+    assert 'class="bt-fallback"' not in dom  # every static copy gave way to its component
+    assert '<div class="bt-note">Static copy' not in dom
+    heat_controls = re.findall(r'<div class="bt-heat-controls"[^>]*>', dom)
+    assert len(heat_controls) >= 4  # heatmap, diff, a batch of two
+    assert not any("display:none" in c or "display: none" in c for c in heat_controls)
+
+
+def test_a_reopened_notebook_without_the_bundle_shows_static_copies(chromium, ten_views, tmp_path):
+    dom = _notebook_dom(ten_views[1], tmp_path / "cleared.html", drop_bundle=True)
+    mounts = browser.mounted_components(dom)
+    assert mounts and not any(m.error for m in mounts)
+    assert dom.count('class="bt-fallback"') == len(mounts)
+    assert dom.count('<div class="bt-note">Static copy: the CircuitsVis bundle') == len(mounts)
+    assert dom.count('class="bt-heat-table"') >= 4  # the heatmaps need no bundle
+
+
+def test_an_untrusted_notebook_shows_static_copies_and_tables(chromium, ten_views, tmp_path):
+    dom = _notebook_dom(ten_views[1], tmp_path / "untrusted.html", trusted=False)
+    mounts = browser.mounted_components(dom)
+    assert mounts and all(m.n_elements == 0 for m in mounts)  # nothing ran
+    assert dom.count('class="bt-fallback"') == len(mounts)
+    tables = re.findall(r'<table class="bt-heat-table".*?</table>', dom, flags=re.S)
+    assert len(tables) >= 4 and all(t.count("<td") >= 100 for t in tables)
+
+
+def _cell_titles(dom: str) -> list[str]:
+    """The ``title`` of every ``td`` of the first heatmap table, in order."""
+    from html.parser import HTMLParser
+
+    class Cells(HTMLParser):
+        titles: list[str] = []
+        inside = 0
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "table" and attrs.get("class") == "bt-heat-table":
+                self.inside += 1
+            elif tag == "td" and self.inside == 1:
+                self.titles.append(attrs.get("title", ""))
+
+        def handle_endtag(self, tag):
+            if tag == "table" and self.inside:
+                self.inside += 1  # past the first table
+
+    parser = Cells()
+    parser.titles = []
+    parser.feed(dom)
+    return parser.titles
+
+
+def test_heatmap_menus_switch_lens_and_statistic(chromium, tiny_model, tmp_path):
+    first = bt.trajectory(tiny_model, PROMPT, k=4, targets=[" Rome"])
+    second = bt.trajectory(tiny_model, PROMPT, k=4, targets=[" Rome"], precision="bf16")
+    view = viz.heatmap(first, second, names=["one", "two"], stat="prob")
+    switch = (
+        "<script>setTimeout(function(){var c=document.querySelector('.bt-heat-controls');"
+        "var s=c.querySelector('[data-role=stat]');s.value='rank:  Rome';"
+        "s.dispatchEvent(new Event('change'));},300);</script>"
+    )
+    path = tmp_path / "menus.html"
+    path.write_text(view.page().replace("</body>", switch + "</body>"), encoding="utf-8")
+    dom = browser.render_dom(path)
+    legend = re.search(r'id="bt-heat-[0-9a-f]+-legend">(.*?)</div>', dom).group(1)
+    assert "rank:  Rome" in legend.replace("&nbsp;", " ") and "log scale" in legend
+    cells = _cell_titles(dom)
+    assert len(cells) == first.n_positions * first.n_layers
+    rank = int(first.target_ranks[-1, -1, 0])  # top row (last layer), last column
+    assert cells[first.n_positions - 1].endswith(f"rank:  Rome = {rank}")

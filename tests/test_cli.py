@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
+
+import beyond_top1 as bt
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -39,6 +42,24 @@ def test_lens_command_prints_paris_last(converted, tmp_path):
     assert list(frame.columns) == ["layer", "rank", "token_id", "token", "prob"]
     top = frame[(frame.layer == 29) & (frame["rank"] == 1)]
     assert top.token.tolist() == [" Paris"]
+
+
+def test_lens_command_follows_targets_and_writes_the_heatmap(converted, tmp_path):
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    csv, page = tmp_path / "targets.csv", tmp_path / "heatmap.html"
+    args = ("lens", prompt, "--target", " Rome", "--target", "42", "--targets-csv", str(csv))
+    result = run_cli(*args, "--html", str(page))
+    assert result.returncode == 0, result.stderr
+    assert "# rank (probability) of each target at position -1" in result.stdout
+    frame = pd.read_csv(csv, keep_default_na=False)
+    expected = bt.trajectory(converted, prompt, targets=[" Rome", 42]).targets
+    assert len(frame) == len(expected)
+    np.testing.assert_array_equal(frame["rank"], expected["rank"])
+    last = frame[(frame.layer == 29) & (frame.pos == frame.pos.max())]
+    assert last.set_index("target_id")["rank"].to_dict()[7268] == 1  # " Rome"
+    assert 'class="bt-heat-table"' in page.read_text(encoding="utf-8")
+    result = run_cli("lens", prompt, "--target", " Rome and Paris")
+    assert result.returncode == 2 and "not one" in result.stderr
 
 
 @pytest.mark.parametrize(

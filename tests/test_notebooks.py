@@ -10,15 +10,13 @@ outputs.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
+import notebook_runs
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-KERNEL = "beyond-top1-tests"
 
 
 def test_the_five_notebooks_are_there():
@@ -45,74 +43,49 @@ def test_notebooks_are_stored_without_outputs(path):
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory):
     """A kernelspec for this interpreter and the environment the kernel inherits."""
-    jupyter = tmp_path_factory.mktemp("jupyter")
-    spec = jupyter / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "beyond-top1 (tests)",
-                "language": "python",
-            }
-        )
-    )
-    python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {
-        "JUPYTER_PATH": os.pathsep.join(
-            p for p in (str(jupyter), os.environ.get("JUPYTER_PATH")) if p
-        ),
-        "PYTHONPATH": python_path,
-        "BEYOND_TOP1_NOTEBOOK_SCALE": "test",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-        # Small batches: one thread loses little, and on a busy 2-core box torch's two
-        # threads wait on each other and run several times slower.
-        "OMP_NUM_THREADS": "1",
-    }
+    return notebook_runs.kernel_env(tmp_path_factory.mktemp("jupyter"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path, kernel_env, tmp_path, monkeypatch):
+    """Every notebook runs; figures display without ``%matplotlib inline`` (no notebook has
+    it) and no output holds a TqdmWarning or a requires-grad warning."""
     import nbformat
-    from nbclient import NotebookClient
 
     for key, value in kernel_env.items():
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        notebook,
-        kernel_name=KERNEL,
-        timeout=300,
-        resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working directory
-    )
-    client.execute()
-    errors = [
-        output
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.get("outputs", [])
-        if output.get("output_type") == "error"
-    ]
+    assert "%matplotlib" not in "".join(c.source for c in notebook.cells if c.cell_type == "code")
+    notebook_runs.execute(notebook, tmp_path)
+    outputs = notebook_runs.outputs(notebook)
+    errors = [o for o in outputs if o.get("output_type") == "error"]
     assert errors == []
-    # the inline views were rendered into the notebook (offline bundle, not the CDN)
-    html = [
-        output["data"]["text/html"]
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.get("outputs", [])
-        if "text/html" in output.get("data", {})
-    ]
-    images = [
-        output
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.get("outputs", [])
-        if "image/png" in output.get("data", {})
-    ]
+    assert notebook_runs.noisy_outputs(notebook) == []
+    html = notebook_runs.html_outputs(notebook)
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert images, "the matplotlib figures did not render inline"
+    assert not any("unpkg.com" in h for h in html)
     if path.stem == "01_quickstart":
         assert any("CircuitsVis.render(" in h for h in html)
-        assert not any("unpkg.com" in h for h in html)
+        assert any('class="bt-heat-table"' in h for h in html)  # the heatmap and the diff
+        assert sum(notebook_runs.BUNDLE_MARK in h for h in html) == 1  # the bundle, once
+
+
+def test_a_notebook_with_ten_views_stays_small(kernel_env, tmp_path, monkeypatch):
+    """Ten views and a figure: the CircuitsVis bundle rides once, the file stays under 3 MB."""
+    import nbformat
+
+    for key, value in kernel_env.items():
+        monkeypatch.setenv(key, value)
+    notebook = notebook_runs.execute(notebook_runs.ten_views_notebook(), tmp_path)
+    assert [o for o in notebook_runs.outputs(notebook) if o.get("output_type") == "error"] == []
+    assert notebook_runs.noisy_outputs(notebook) == []
+    html = notebook_runs.html_outputs(notebook)
+    assert len(html) == 10
+    assert sum(notebook_runs.BUNDLE_MARK in h for h in html) == 1
+    assert html[0].count(notebook_runs.BUNDLE_MARK) == 1  # with the first view
+    path = tmp_path / "ten_views.ipynb"
+    nbformat.write(notebook, path)
+    size = path.stat().st_size
+    assert size < 3_000_000, size
+    assert any("image/png" in o.get("data", {}) for o in notebook_runs.outputs(notebook))

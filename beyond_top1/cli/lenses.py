@@ -17,9 +17,10 @@ from beyond_top1.cli.args import (
 from beyond_top1.fileio import OutputError, OutputFolder, write_new_file
 from beyond_top1.lenses import LogitLens, check_lens_destination
 from beyond_top1.models import OFFLINE_MODELS, known_model_names
-from beyond_top1.prompt import format_top_tokens, top_tokens
+from beyond_top1.prompt import top_tokens, top_tokens_table, trajectory
 from beyond_top1.tasks import lens_eval, lens_fit
 from beyond_top1.tasks.texts import TextSpec
+from beyond_top1.viz import heatmap
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -41,16 +42,40 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_lens(args: argparse.Namespace) -> int:
-    if args.csv and Path(args.csv).exists():  # before any work
-        raise OutputError(f"{args.csv} exists; remove it or choose another file name")
+    for path in (args.csv, args.targets_csv, args.html):
+        if path and Path(path).exists():  # before any work
+            raise OutputError(f"{path} exists; remove it or choose another file name")
+    if args.targets_csv and not args.target:
+        raise OutputError("--targets-csv needs at least one --target")
     model = load_model_from_args(args)
     lens = read_lens_arg(model, args.lens)
     frame = top_tokens(model, args.prompt, lens=lens, k=args.k, position=args.position)
     print(f"# {lens.kind} lens on {args.model}: top-{args.k} next tokens, position {args.position}")
-    print(format_top_tokens(frame))
+    print(top_tokens_table(frame).to_string())
     if args.csv:
         write_new_file(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
+    if args.target or args.html:
+        targets = [_target_arg(t) for t in args.target] or None
+        traj = trajectory(model, args.prompt, lens=lens, k=args.k, targets=targets)
+        if targets:
+            frame = traj.targets
+            rows = frame[frame["pos"] == traj.position(args.position)]
+            cells = [f"{r} ({p:.3f})" for r, p in zip(rows["rank"], rows["prob"], strict=True)]
+            table = rows.assign(cell=cells)
+            print(f"# rank (probability) of each target at position {args.position}")
+            print(table.pivot(index="layer", columns="target", values="cell").to_string())
+        if args.targets_csv:
+            write_new_file(args.targets_csv, lambda tmp: traj.targets.to_csv(tmp, index=False))
+        if args.html:
+            stat = f"rank: {traj.target_labels[0]}" if targets else "prob"
+            heatmap(traj, stat=stat).save(args.html)
+            print(f"wrote {args.html}")
     return 0
+
+
+def _target_arg(text: str) -> str | int:
+    """``--target`` values: a token id when it is a number, else a string (one token)."""
+    return int(text) if text.strip().isdigit() else text
 
 
 def _cmd_fit_lens(args: argparse.Namespace) -> int:
@@ -115,6 +140,15 @@ def add_parsers(commands) -> None:
     lens.add_argument("--k", type=int, default=5, help="tokens per layer (default: %(default)s)")
     lens.add_argument("--position", type=int, default=-1, help="token position (default: last)")
     lens.add_argument("--csv", help="also write the table as tidy CSV to this path")
+    lens.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        help="a token to follow across layers: one token (' Rome', with its space) or an id; "
+        "repeat for several",
+    )
+    lens.add_argument("--targets-csv", help="write the targets' ranks at every layer and position")
+    lens.add_argument("--html", help="write the layer × position heatmap (offline HTML) here")
     lens.set_defaults(run=_cmd_lens)
 
     fit = commands.add_parser("fit-lens", help="fit a linear-shortcut or tuned lens and save it")

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
 from beyond_top1.data import tokenize
@@ -26,6 +25,7 @@ from beyond_top1.interventions.patching import patch_and_read, patch_and_read_ca
 from beyond_top1.interventions.result import InterventionResult
 from beyond_top1.lenses import resolve_lens
 from beyond_top1.probes import check_scan_matches, scan_texts, text_hash
+from beyond_top1.progress import tqdm
 from beyond_top1.ranking import lens_topk
 from beyond_top1.saturation import DEFAULT_FILTER_FRACTION, position_filter, saturation_layers
 

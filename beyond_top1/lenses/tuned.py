@@ -34,7 +34,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from beyond_top1 import hooked
 from beyond_top1.activations import stream_residuals
@@ -42,6 +41,7 @@ from beyond_top1.data import text_list
 from beyond_top1.lenses.base import Lens
 from beyond_top1.lenses.io import register_lens_kind
 from beyond_top1.lenses.linear import LinearShortcutLens
+from beyond_top1.progress import tqdm
 from beyond_top1.runtime import has_fast_bf16
 
 

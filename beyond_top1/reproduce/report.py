@@ -529,8 +529,9 @@ def _refinement(report: Report, records: Mapping[str, StageRecord]) -> None:
 def _views(report: Report, records: Mapping[str, StageRecord]) -> None:
     sec = report.section(
         "Per-token views",
-        "CircuitsVis components, rendered offline from the bundle embedded once in this page. "
-        "Hover tokens for values; the top-k table has a layer menu.",
+        "CircuitsVis components, rendered offline from the bundle embedded once in this page, "
+        "and a layer × position heatmap. Hover tokens or cells for values; the top-k table has "
+        "a layer menu.",
     )
     record = _stage(records, "views", sec)
     if record is None:
@@ -540,6 +541,8 @@ def _views(report: Report, records: Mapping[str, StageRecord]) -> None:
         "trajectory_logit": "s_1..s_k per token, the top-k per layer at the last position, and "
         "the top-k by layer for every position (logit lens)",
         "compare_logit_linear": "Logit lens vs. linear-shortcut lens on the same prompt",
+        "heatmap_lenses": "Top-1 token per layer and position; the menus switch the lens and "
+        "the statistic (top-1 probability, entropy, KL to the final layer)",
         "token_log_probs": "The model's final distribution with the rank of each token",
         "saturation_tokens": "Tokens coloured by s_1..s_5",
     }

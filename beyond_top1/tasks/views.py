@@ -19,8 +19,9 @@ INDEX_FILE = "views.json"
 
 @dataclass(frozen=True)
 class ViewsConfig:
-    """The first prompt is shown under every lens (and logit vs. linear side by side); the
-    second as per-token log-probs and saturation colours under the logit lens."""
+    """The first prompt is shown under every lens (logit vs. linear side by side, and a
+    layer × position heatmap with a lens menu); the second as per-token log-probs and
+    saturation colours under the logit lens."""
 
     prompts: tuple[str, str]
     k: int = 5
@@ -45,6 +46,8 @@ def run(
     views = {"trajectory_logit": viz.trajectory_view(first["logit"])}
     if "linear" in first:
         views["compare_logit_linear"] = viz.compare_lenses(first["logit"], first["linear"])
+    names = [f"{name} lens" for name in first]
+    views["heatmap_lenses"] = viz.heatmap(*first.values(), names=names)  # a lens menu
     second = trajectory(model, config.prompts[1], lens=lenses["logit"], k=config.k)
     views["token_log_probs"] = viz.token_log_probs(second)
     views["saturation_tokens"] = viz.colored_tokens_multi(second)

@@ -12,11 +12,20 @@ global ``CircuitsVis``) and mounts each component with ``CircuitsVis.render(id, 
 props)``, the call ``local_src`` makes; a page with several components stays ~1.3 MB instead of
 1.3 MB per component. Any ``RenderedHTML`` can be added to a view (its ``local_src`` is used).
 
+In a notebook, only the session's first view carries the bundle (:func:`bundle_mode`); later
+views use the global it defined. Every component also carries a static copy
+(:mod:`beyond_top1.viz.fallback`) that shows where scripts do not run (untrusted notebooks,
+GitHub) or the bundle is missing; the script replaces it with the interactive component.
+
+:func:`heatmap` and :func:`diff` are layer × position grids rendered in Python (they show
+without JavaScript) with a few kB of script for their menus; they need no CircuitsVis.
+
 Token strings are made readable (:func:`readable_token`: ``↵`` newline, ``⇥`` tab, ``␣`` space in
 predicted tokens, ``∅`` empty) and HTML-escaped (CircuitsVis inserts token text as HTML). Long
 prompts are windowed: by default the last ``max_tokens`` positions, with a note saying so.
 """
 
+from beyond_top1.viz.heatmap import DEFAULT_HEATMAP_TOKENS, batch_view, diff, heatmap
 from beyond_top1.viz.renderers import (
     colored_tokens,
     colored_tokens_multi,
@@ -33,6 +42,7 @@ from beyond_top1.viz.view import (
     Component,
     View,
     as_view,
+    bundle_mode,
     bundle_script,
     page,
     readable_token,
@@ -40,16 +50,21 @@ from beyond_top1.viz.view import (
 )
 
 __all__ = [
+    "DEFAULT_HEATMAP_TOKENS",
     "DEFAULT_MAX_TOKENS",
     "GENERATOR_TAG",
     "Component",
     "VIEW_STYLE",
     "View",
     "as_view",
+    "batch_view",
+    "bundle_mode",
     "bundle_script",
     "colored_tokens",
     "colored_tokens_multi",
     "compare_lenses",
+    "diff",
+    "heatmap",
     "page",
     "readable_token",
     "side_by_side",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from beyond_top1.fileio import write_signed_file
+from beyond_top1.viz.fallback import static_html
 
 if TYPE_CHECKING:  # the prompt module renders through this one, not the reverse
     pass
@@ -40,6 +41,7 @@ VIEW_STYLE = """<style>
 .bt-grid td,.bt-grid th{border:1px solid #ddd;padding:1px 5px;white-space:nowrap}
 .bt-grid td.bt-sat{font-weight:bold;box-shadow:inset 3px 0 0 #1a8f3a}
 .bt-cv-error{color:#b00020;font-weight:bold}
+.bt-fallback{margin:4px 0}
 </style>"""
 
 
@@ -138,17 +140,47 @@ def _plain(value):
 
 
 def _mount(component: Component) -> str:
+    """The component's element, its static stand-in and the script that swaps one for the other.
+
+    The stand-in (:mod:`beyond_top1.viz.fallback`) is what shows where scripts do not run; where
+    they do and the ``CircuitsVis`` global is missing, it stays with a note saying how to get
+    the interactive view back."""
     uid = "bt-cv-" + secrets.token_hex(6)
     name = component.name
+    missing = (
+        "Static copy: the CircuitsVis bundle is not on this page (it comes with the first view "
+        "of a session). Re-run this cell, or call bt.views.bundle_mode('every')."
+    )
     return (
         f'<div class="bt-cv" id="{uid}" data-component="{name}"></div>\n'
+        f'<div class="bt-fallback" id="{uid}-static">{static_html(name, component.props)}</div>\n'
         f"<script>(function(){{var el=document.getElementById({json.dumps(uid)});"
-        f'try{{if(typeof CircuitsVis==="undefined")'
-        f'{{throw new Error("the CircuitsVis bundle did not load");}}'
-        f"CircuitsVis.render({json.dumps(uid)},CircuitsVis.{name},{_js_json(component.props)});}}"
+        f"var st=document.getElementById({json.dumps(uid + '-static')});"
+        f'if(typeof CircuitsVis==="undefined"){{var n=document.createElement("div");'
+        f'n.className="bt-note";n.textContent={json.dumps(missing)};el.appendChild(n);return;}}'
+        f"try{{CircuitsVis.render({json.dumps(uid)},CircuitsVis.{name},"
+        f"{_js_json(component.props)});if(st){{st.remove();}}}}"
         f'catch(e){{el.textContent="CircuitsVis could not render {name}: "+e;'
         f'el.className+=" bt-cv-error";}}}})();</script>'
     )
+
+
+BUNDLE_MODES = ("once", "every")
+_SESSION = {"mode": "once", "bundle_shown": False}
+
+
+def bundle_mode(mode: str = "once") -> None:
+    """How inline views carry the ~1.3 MB CircuitsVis bundle in this Python session.
+
+    ``"once"`` (the default): the first view displayed carries it and later views use the
+    global it defines, so a notebook holds it once. ``"every"``: each view carries its own copy
+    (heavier, but every output stands alone). Saved files (``view.save``) always carry it.
+    Calling this also makes the next view carry the bundle again.
+    """
+    if mode not in BUNDLE_MODES:
+        raise ValueError(f"mode must be one of {BUNDLE_MODES}, got {mode!r}")
+    _SESSION["mode"] = mode
+    _SESSION["bundle_shown"] = False
 
 
 class View:
@@ -180,7 +212,14 @@ class View:
         return VIEW_STYLE + "\n" + bundle + self.body()
 
     def _repr_html_(self) -> str:
-        return self.html()
+        """Inline HTML: with the bundle on the session's first view only (see
+        :func:`bundle_mode`)."""
+        if not self.components:
+            return VIEW_STYLE + "\n" + self.body()
+        if _SESSION["mode"] == "every" or not _SESSION["bundle_shown"]:
+            _SESSION["bundle_shown"] = True
+            return self.html()
+        return VIEW_STYLE + "\n" + self.body()
 
     def __html__(self) -> str:
         return self.html()
