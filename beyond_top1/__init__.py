@@ -32,10 +32,11 @@ _PUBLIC = {
     "TunedLens": "beyond_top1.lenses",
     "load_lens": "beyond_top1.lenses",
     "evaluate_lenses": "beyond_top1.lenses.metrics",
-    # one prompt
+    # prompts
     "top_tokens": "beyond_top1.prompt",
     "trajectory": "beyond_top1.prompt",
     "Trajectory": "beyond_top1.prompt",
+    "TrajectoryBatch": "beyond_top1.prompt",
     # a corpus
     "scan": "beyond_top1.scans",
     "load_scan": "beyond_top1.scans",

@@ -37,6 +37,7 @@ from beyond_top1.ranking import (
 )
 
 _ROWS = 64  # rows per chunk: [rows, vocab] float64 arrays stay ~25 MB at 49k tokens
+_WIDE = 1024  # rows with more unsure tokens are settled one at a time
 
 
 @dataclass
@@ -79,11 +80,17 @@ def exact_ranks(
         surely_above = values - err > e
         unsure = ~surely_above & (values + err >= e) & (every != t)
         count = surely_above.sum(-1)
-        if unsure.any():
-            valid, ids = _compact(unsure, every.expand(rows, vocab))
-            others = exact_logits(normed, emb.weight, emb.bias, ids)
-            above = (others > e) | ((others == e) & (ids < t))
-            count = count + (above & valid).sum(-1)
+        width = unsure.sum(-1)
+        narrow = (width > 0) & (width <= _WIDE)
+        # Narrow rows together; wide ones (a degenerate, all-tied row) one at a time, so that
+        # one of them does not widen the whole chunk to the vocabulary.
+        for part in (narrow.nonzero().squeeze(-1), *(width > _WIDE).nonzero()):
+            if not len(part):
+                continue
+            valid, ids = _compact(unsure[part], every.expand(len(part), vocab))
+            others = exact_logits(normed[part], emb.weight, emb.bias, ids)
+            above = (others > e[part]) | ((others == e[part]) & (ids < t[part]))
+            count[part] += (above & valid).sum(-1)
         ranks[:, c] = count + 1
     return ranks
 

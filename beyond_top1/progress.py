@@ -9,15 +9,16 @@ no warning is ever printed.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 
 @functools.cache
 def _bar_class():
-    if importlib.util.find_spec("ipywidgets") is not None:
-        from tqdm.auto import tqdm as bar
-    else:
+    try:
+        import ipywidgets  # noqa: F401 - only whether it imports
+    except Exception:  # noqa: BLE001 - missing or broken: text bars
         from tqdm.std import tqdm as bar
+    else:
+        from tqdm.auto import tqdm as bar
     return bar
 
 

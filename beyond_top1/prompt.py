@@ -51,32 +51,79 @@ def _as_prompts(prompts) -> tuple[list[str], bool]:
     return list(prompts), False
 
 
-def prompts_residuals(
-    model, prompts: Sequence[str], layers=None, *, fwd_hooks=()
-) -> list[tuple[list[int], Float[Tensor, "pos layer d_model"]]]:
-    """Token ids and residual streams at ``layers`` (default ``0..L-1``) of each prompt.
+def _as_hooks(fwd_hooks) -> list[tuple[str, object]]:
+    """``fwd_hooks`` as a list of TransformerLens ``(hook name, function)`` pairs."""
+    if fwd_hooks is None:
+        return []
+    if isinstance(fwd_hooks, tuple) and len(fwd_hooks) == 2 and isinstance(fwd_hooks[0], str):
+        fwd_hooks = [fwd_hooks]  # one pair given on its own
+    hooks = list(fwd_hooks)
+    for hook in hooks:
+        if not (
+            isinstance(hook, tuple | list)
+            and len(hook) == 2
+            and isinstance(hook[0], str)
+            and callable(hook[1])
+        ):
+            raise TypeError(
+                "fwd_hooks must be (hook name, function) pairs, e.g. "
+                "[('blocks.3.hook_resid_post', fn)]"
+            )
+    return [tuple(hook) for hook in hooks]
 
-    Prompts run in right-padded batches of :data:`PROMPT_BATCH`; ``fwd_hooks`` (TransformerLens
-    ``(name, hook)`` pairs) are active during every batch and see the padded ``[batch, pos, ...]``
-    activations.
-    """
-    layers = resolve_layers(model, layers)
+
+def tokenize_prompts(model, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt (with BOS if the model prepends one); errors name the prompt."""
     token_lists = []
     for i, prompt in enumerate(prompts):
         try:
             token_lists.append(tokenize(model, prompt))
         except ValueError as exc:
             raise ValueError(f"prompt {i}: {exc}" if len(prompts) > 1 else str(exc)) from None
+    return token_lists
+
+
+def residuals_of_ids(
+    model, token_lists: Sequence[Sequence[int]], layers, *, fwd_hooks=()
+) -> list[Float[Tensor, "pos layer d_model"]]:
+    """Residual streams at ``layers`` of each token list, run in right-padded batches of
+    :data:`PROMPT_BATCH`. With ``fwd_hooks`` only lists of equal length share a batch, so a
+    hook sees no padding and a position means the same in every row."""
+    hooks = _as_hooks(fwd_hooks)
     tok = hooked.tokenizer(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out = []
-    for start in range(0, len(token_lists), PROMPT_BATCH):
-        chunk = token_lists[start : start + PROMPT_BATCH]
+    order = list(range(len(token_lists)))
+    if hooks:
+        order.sort(key=lambda i: len(token_lists[i]))  # stable: equal lengths keep their order
+    groups: list[list[int]] = []
+    for i in order:
+        same = hooks and groups and len(token_lists[groups[-1][0]]) != len(token_lists[i])
+        if not groups or len(groups[-1]) == PROMPT_BATCH or same:
+            groups.append([])
+        groups[-1].append(i)
+    out: list = [None] * len(token_lists)
+    for group in groups:
+        chunk = [token_lists[i] for i in group]
         batch = make_token_batch(chunk, range(len(chunk)), pad_id=pad_id, skip_first=False)
         tokens = batch.tokens.to(hooked.model_device(model))
-        resid = hooked.run_with_residuals(model, tokens, layers, fwd_hooks=fwd_hooks)
-        out.extend((ids, resid[row, : len(ids)]) for row, ids in enumerate(chunk))
+        resid = hooked.run_with_residuals(model, tokens, layers, fwd_hooks=hooks)
+        for row, i in enumerate(group):
+            out[i] = resid[row, : len(token_lists[i])]
     return out
+
+
+def prompts_residuals(
+    model, prompts: Sequence[str], layers=None, *, fwd_hooks=()
+) -> list[tuple[list[int], Float[Tensor, "pos layer d_model"]]]:
+    """Token ids and residual streams at ``layers`` (default ``0..L-1``) of each prompt.
+
+    Prompts run in right-padded batches (:func:`residuals_of_ids`); ``fwd_hooks``
+    (TransformerLens ``(name, hook)`` pairs) are active during every forward pass.
+    """
+    layers = resolve_layers(model, layers)
+    token_lists = tokenize_prompts(model, prompts)
+    resid = residuals_of_ids(model, token_lists, layers, fwd_hooks=fwd_hooks)
+    return list(zip(token_lists, resid, strict=True))
 
 
 def prompt_residuals(
@@ -102,7 +149,8 @@ def single_token_id(model, target: str | int) -> int:
             pieces = hooked.token_strings(model, ids)
             raise ValueError(
                 f"target {target!r} is {len(ids)} tokens {pieces}, not one. Give a string that "
-                "is one token (mind the leading space: ' Rome', not 'Rome') or a token id."
+                "is one token (mind the leading space where the tokenizer marks it, as GPT-2 "
+                "and SmolLM2 do: ' Rome', not 'Rome') or a token id."
             )
         return int(ids[0])
     if not 0 <= int(target) < vocab:
@@ -114,8 +162,8 @@ def resolve_targets(model, targets, token_ids: Sequence[int]) -> tuple[np.ndarra
     """Per-position target ids ``[pos, n]`` (``-1`` = none) and a label per target.
 
     ``targets``: ``None``; ``"next"`` (the actual next token; none at the last position); a
-    string or id, or a list of them (the same targets at every position); or an array/tensor of
-    ids per position, ``[pos]`` or ``[pos, n]`` (``-1`` = none).
+    string or id, or a list of them (the same targets at every position; ``"next"`` may be one
+    of them); or an array/tensor of ids per position, ``[pos]`` or ``[pos, n]`` (``-1`` = none).
     """
     n_pos = len(token_ids)
     if targets is None:
@@ -143,12 +191,28 @@ def resolve_targets(model, targets, token_ids: Sequence[int]) -> tuple[np.ndarra
     items = [targets] if isinstance(targets, str | int | np.integer) else list(targets)
     if not items:
         raise ValueError("targets is empty; pass None for no targets")
-    ids = [single_token_id(model, t) for t in items]
-    labels = [t if isinstance(t, str) else hooked.token_strings(model, [t])[0] for t in items]
-    if len(set(ids)) < len(ids):
-        twice = next(label for label, i in zip(labels, ids, strict=True) if ids.count(i) > 1)
-        raise ValueError(f"target {twice!r} is given twice; give each token once")
-    return np.tile(np.asarray(ids, dtype=np.int64), (n_pos, 1)), labels
+    next_ids, _ = resolve_targets(model, NEXT, token_ids)
+    columns, labels, ids = [], [], []
+    for item in items:
+        if isinstance(item, str) and item == NEXT:
+            columns.append(next_ids[:, 0])
+            labels.append("next token")
+            continue
+        token = single_token_id(model, item)
+        if token in ids:
+            raise ValueError(f"target {item!r} is given twice; give each token once")
+        ids.append(token)
+        columns.append(np.full(n_pos, token, dtype=np.int64))
+        labels.append(item if isinstance(item, str) else hooked.token_strings(model, [token])[0])
+    if labels.count("next token") > 1:
+        raise ValueError("'next' is given twice; give each target once")
+    seen = [label for label in labels if labels.count(label) > 1]
+    if seen:  # different ids that decode alike (e.g. byte tokens): keep them apart
+        labels = [
+            f"{label} #{int(column[0])}" if label in seen else label
+            for label, column in zip(labels, columns, strict=True)
+        ]
+    return np.stack(columns, axis=1), labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,10 +456,20 @@ class Trajectory:
             names += [f"{stat}: {label}" for stat in TARGET_STATS]
         return names
 
+    def stat_name(self, name: str) -> str:
+        """``name`` as listed in :attr:`stat_names`: with one target, ``"rank"``, ``"logprob"``
+        and ``"logit"`` are its statistics (``"prob"`` is always the top-1 probability)."""
+        if name in ("rank", "logprob", "logit") and len(self.target_labels) == 1:
+            return f"{name}: {self.target_labels[0]}"
+        if name not in self.stat_names:
+            raise ValueError(f"unknown statistic {name!r}; choose from {self.stat_names}")
+        return name
+
     def stat(self, name: str) -> Float[np.ndarray, "pos layer"]:
         """A per-cell statistic ``[pos, L]`` (see :attr:`stat_names`; NaN where undefined):
         ``prob`` = the top-1 token's probability, ``entropy``/``kl`` in nats; with one target,
         ``"rank"``, ``"logprob"`` and ``"logit"`` name its statistics."""
+        name = self.stat_name(name)
         if name == "prob":
             return np.exp(self.top_logprobs[:, :, 0].astype(np.float64))
         if name == "entropy" and self.entropy is not None:
@@ -403,8 +477,6 @@ class Trajectory:
         if name == "kl" and self.kl_to_final is not None:
             return self.kl_to_final.astype(np.float64)
         stat, _, label = name.partition(": ")
-        if name in ("rank", "logprob", "logit") and len(self.target_labels) == 1:
-            stat, label = name, self.target_labels[0]  # the only target
         if stat in TARGET_STATS and label in self.target_labels:
             c = self.target_labels.index(label)
             if stat == "rank":
@@ -413,7 +485,7 @@ class Trajectory:
             values = (self.target_logits if stat == "logit" else self.target_logprobs)[:, :, c]
             values = values.astype(np.float64)
             return np.exp(values) if stat == "prob" else values
-        raise KeyError(f"unknown statistic {name!r}; choose from {self.stat_names}")
+        raise ValueError(f"unknown statistic {name!r}; choose from {self.stat_names}")
 
     @property
     def saturation(self) -> pd.DataFrame:
@@ -445,8 +517,9 @@ class Trajectory:
 class TrajectoryBatch(Sequence):
     """Trajectories of several prompts under one lens (a sequence of :class:`Trajectory`).
 
-    The tidy tables stack the prompts' with a first column ``prompt`` (the index); views show
-    them side by side (:func:`beyond_top1.viz.heatmap`, :func:`beyond_top1.viz.diff`).
+    The tidy tables stack the prompts' with a first column ``prompt`` (the index); the view
+    shows each prompt's heatmap, one below the other (:func:`beyond_top1.viz.batch_view`), and
+    :meth:`diff` compares two of them (:func:`beyond_top1.viz.diff`).
     """
 
     def __init__(self, trajectories: Sequence[Trajectory]):
@@ -483,7 +556,7 @@ class TrajectoryBatch(Sequence):
         return self._stack([t.top_tokens(position) for t in self.trajectories])
 
     def render(self, **kwargs):
-        """Each prompt's heatmap, side by side (:func:`beyond_top1.viz.batch_view`)."""
+        """Each prompt's heatmap, one below the other (:func:`beyond_top1.viz.batch_view`)."""
         from beyond_top1.viz import batch_view
 
         return batch_view(self, **kwargs)
@@ -508,12 +581,14 @@ class TrajectoryBatch(Sequence):
 def _trajectories(model, prompts, lens, k, precision, targets, fwd_hooks) -> list[Trajectory]:
     L = hooked.n_layers(model)
     layers = tuple(range(L))
-    runs = prompts_residuals(model, prompts, layers, fwd_hooks=fwd_hooks)
-    resid = torch.cat([r for _, r in runs])  # [all positions, L, d_model]
-    lengths = [len(ids) for ids, _ in runs]
-    resolved = [resolve_targets(model, targets, ids) for ids, _ in runs]
+    token_lists = tokenize_prompts(model, prompts)
+    resolved = [resolve_targets(model, targets, ids) for ids in token_lists]  # before the run
     labels = resolved[0][1]
-    next_ids = [resolve_targets(model, NEXT, ids)[0] for ids, _ in runs]
+    next_ids = [resolve_targets(model, NEXT, ids)[0] for ids in token_lists]
+    resids = residuals_of_ids(model, token_lists, layers, fwd_hooks=fwd_hooks)
+    runs = list(zip(token_lists, resids, strict=True))
+    resid = torch.cat(resids)  # [all positions, L, d_model]
+    lengths = [len(ids) for ids in token_lists]
     # The next token rides along as one more target: its final rank and log-prob.
     all_targets = np.concatenate(
         [np.concatenate([t, nxt], axis=1) for (t, _), nxt in zip(resolved, next_ids, strict=True)]
@@ -543,7 +618,7 @@ def _trajectories(model, prompts, lens, k, precision, targets, fwd_hooks) -> lis
         "k": k,
         "n_layers": L,
         "precision": precision,
-        "hooked": bool(fwd_hooks),
+        "hooked": bool(_as_hooks(fwd_hooks)),
         "d_vocab": hooked.d_vocab(model),
     }
     out = []
@@ -602,12 +677,13 @@ def trajectory(
             a saved lens folder.
         k: ranks to track.
         targets: tokens to follow at every layer and position: a string that is one token
-            (``" Rome"``), a token id, a list of them, ``"next"`` (the actual next token), or
+            (``" Rome"``), a token id, ``"next"`` (the actual next token), a list of these, or
             ids per position (an array ``[pos]`` or ``[pos, n]``, ``-1`` = none; one prompt).
             Their exact ranks, log-probs and logits are in :attr:`Trajectory.targets`.
         precision: ``"fp32"`` or ``"bf16"`` for the top-k (see :mod:`beyond_top1.ranking`).
         fwd_hooks: TransformerLens ``(hook name, function)`` pairs active during the run, e.g.
-            a patch from :mod:`hooks` (they see the padded batch of prompts).
+            a patch from :mod:`hooks`; with hooks, only prompts of equal token length share a
+            batch, so a hook never sees padding.
 
     Returns:
         A :class:`Trajectory` for one prompt, a :class:`TrajectoryBatch` for a list; both
@@ -636,9 +712,11 @@ __all__ = [
     "format_top_tokens",
     "prompt_residuals",
     "prompts_residuals",
+    "residuals_of_ids",
     "resolve_targets",
     "single_token_id",
     "top_tokens",
+    "tokenize_prompts",
     "top_tokens_table",
     "trajectory",
 ]

@@ -189,7 +189,8 @@ class _Unembedding:
         cached = _UNEMBEDDING_CACHE.get(key)
         if cached is None:
             cached = cls.of_tensors(weight, bias, precision, hooked.logit_softcap(model))
-            _UNEMBEDDING_CACHE.clear()  # hold one model's copies at most
+            if len(_UNEMBEDDING_CACHE) >= 2:  # one model's fp32 and bf16 copies at most
+                _UNEMBEDDING_CACHE.clear()
             _UNEMBEDDING_CACHE[key] = cached
         return cached
 

@@ -22,6 +22,11 @@ def plot_targets(traj, position: int = -1) -> Figure:
     trajs = list(traj) if hasattr(traj, "trajectories") else [traj]
     if not trajs[0].target_labels:
         raise ValueError("this trajectory has no targets: pass targets=[...] to bt.trajectory")
+    if all((t.target_ids[t.position(position)] < 0).all() for t in trajs):
+        raise ValueError(
+            f"no target is set at position {position} (targets='next' has none at the last "
+            "position): pass another position, e.g. position=-2"
+        )
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax_rank, ax_prob = fig.subplots(1, 2)
     layers = np.arange(trajs[0].n_layers)
@@ -46,6 +51,9 @@ def plot_targets(traj, position: int = -1) -> Figure:
 def plot_heatmap(traj, stat: str = "prob", *, max_tokens: int = 24) -> Figure:
     """Layer × position heatmap of ``stat`` (a name from :attr:`Trajectory.stat_names`) with
     the top-1 token in each cell; the last ``max_tokens`` positions."""
+    if hasattr(traj, "trajectories"):
+        raise TypeError("plot_heatmap draws one prompt: pick one from the batch, e.g. batch[0]")
+    stat = traj.stat_name(stat)
     values = traj.stat(stat)  # [pos, L]
     start = max(0, traj.n_positions - max_tokens)
     grid = values[start:].T  # [L, cols]

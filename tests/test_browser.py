@@ -248,7 +248,7 @@ def test_ten_views_render_offline_fresh_and_reopened(chromium, ten_views, which,
     for mount in mounts:
         assert not mount.error and mount.n_elements >= 3, (mount.component, mount.text[:200])
     assert 'class="bt-fallback"' not in dom  # every static copy gave way to its component
-    assert '<div class="bt-note">Static copy' not in dom
+    assert '<div class="bt-cv-missing">Static copy' not in dom
     heat_controls = re.findall(r'<div class="bt-heat-controls"[^>]*>', dom)
     assert len(heat_controls) >= 4  # heatmap, diff, a batch of two
     assert not any("display:none" in c or "display: none" in c for c in heat_controls)
@@ -259,7 +259,7 @@ def test_a_reopened_notebook_without_the_bundle_shows_static_copies(chromium, te
     mounts = browser.mounted_components(dom)
     assert mounts and not any(m.error for m in mounts)
     assert dom.count('class="bt-fallback"') == len(mounts)
-    assert dom.count('<div class="bt-note">Static copy: the CircuitsVis bundle') == len(mounts)
+    assert dom.count('<div class="bt-cv-missing">Static copy: the CircuitsVis') == len(mounts)
     assert dom.count('class="bt-heat-table"') >= 4  # the heatmaps need no bundle
 
 
@@ -298,20 +298,38 @@ def _cell_titles(dom: str) -> list[str]:
 
 
 def test_heatmap_menus_switch_lens_and_statistic(chromium, tiny_model, tmp_path):
+    texts = [PROMPT, "Paris is a city in France.", "Rome is the capital of Italy."] * 3
+    linear = bt.LinearShortcutLens.fit(tiny_model, texts, progress=False)
     first = bt.trajectory(tiny_model, PROMPT, k=4, targets=[" Rome"])
-    second = bt.trajectory(tiny_model, PROMPT, k=4, targets=[" Rome"], precision="bf16")
-    view = viz.heatmap(first, second, names=["one", "two"], stat="prob")
+    second = bt.trajectory(tiny_model, PROMPT, lens=linear, k=4, targets=[" Rome"])
+    view = viz.heatmap(first, second, names=["logit", "linear"], stat="prob")
+    n_cells = first.n_positions * first.n_layers
+
+    # On load: hover text on every cell, the first lens' top-k.
+    loaded = browser.render_dom(view.save(tmp_path / "loaded.html"))
+    titles = _cell_titles(loaded)
+    assert len(titles) == n_cells and all(" | prob = " in t for t in titles)
+    top1 = viz.readable_token(first.vocab[int(first.top_ids[-1, -1, 0])], spaces=True)
+    assert titles[first.n_positions - 1].startswith(f"layer {first.n_layers - 1}, pos ")
+    assert f": {top1} " in titles[first.n_positions - 1]
+
+    # Switch to the second lens and to the target's rank.
     switch = (
         "<script>setTimeout(function(){var c=document.querySelector('.bt-heat-controls');"
+        "var l=c.querySelector('[data-role=lens]');l.value='1';"
+        "l.dispatchEvent(new Event('change'));"
         "var s=c.querySelector('[data-role=stat]');s.value='rank:  Rome';"
         "s.dispatchEvent(new Event('change'));},300);</script>"
     )
     path = tmp_path / "menus.html"
     path.write_text(view.page().replace("</body>", switch + "</body>"), encoding="utf-8")
     dom = browser.render_dom(path)
-    legend = re.search(r'id="bt-heat-[0-9a-f]+-legend">(.*?)</div>', dom).group(1)
+    legend = re.search(r'id="bt-[0-9a-f]+-legend">(.*?)</div>', dom).group(1)
     assert "rank:  Rome" in legend.replace("&nbsp;", " ") and "log scale" in legend
     cells = _cell_titles(dom)
-    assert len(cells) == first.n_positions * first.n_layers
-    rank = int(first.target_ranks[-1, -1, 0])  # top row (last layer), last column
-    assert cells[first.n_positions - 1].endswith(f"rank:  Rome = {rank}")
+    assert len(cells) == n_cells
+    rank = int(second.target_ranks[-1, 0, 0])  # bottom row (layer 0), last column
+    assert cells[-1].endswith(f"rank:  Rome = {rank}")
+    lens2 = viz.readable_token(second.vocab[int(second.top_ids[-1, 0, 0])], spaces=True)
+    assert cells[-1].startswith(f"layer 0, pos {first.n_positions - 1}: {lens2} ")
+    assert not np.array_equal(first.top_ids[:, 0, 0], second.top_ids[:, 0, 0])

@@ -47,7 +47,7 @@ def test_lens_command_prints_paris_last(converted, tmp_path):
 def test_lens_command_follows_targets_and_writes_the_heatmap(converted, tmp_path):
     prompt = "The capital of France is Paris, and the capital of Italy is"
     csv, page = tmp_path / "targets.csv", tmp_path / "heatmap.html"
-    args = ("lens", prompt, "--target", " Rome", "--target", "42", "--targets-csv", str(csv))
+    args = ("lens", prompt, "--target", " Rome", "--target-id", "42", "--targets-csv", str(csv))
     result = run_cli(*args, "--html", str(page))
     assert result.returncode == 0, result.stderr
     assert "# rank (probability) of each target at position -1" in result.stdout

@@ -167,7 +167,8 @@ def test_quality_of_fit_matches_least_squares_and_sklearn(tiny_model, bias):
         x, y = _design(train[:, row.source], bias), train[:, row.target]
         weight = np.linalg.lstsq(x, y, rcond=None)[0]
         xv, yv = val[:, row.source], val[:, row.target]
-        assert row.r2_identity == pytest.approx(r2_score(yv, xv), rel=1e-6)
+        # abs: the batched and the one-text forward passes differ at float32 round-off
+        assert row.r2_identity == pytest.approx(r2_score(yv, xv), rel=1e-6, abs=1e-6)
         expected = r2_score(yv, _design(xv, bias) @ weight)
         assert row.r2_linear == pytest.approx(expected, rel=1e-4, abs=1e-5)
 

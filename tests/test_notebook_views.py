@@ -123,6 +123,8 @@ def test_heatmap_errors(tiny_model, traj):
         viz.diff(traj, bt.trajectory(tiny_model, "Another prompt"))
     with pytest.raises(ValueError, match="at least one"):
         viz.heatmap()
+    with pytest.raises(TypeError, match="batch_view"):
+        viz.heatmap(bt.trajectory(tiny_model, [PROMPT, "Hello"]))
 
 
 def test_diff_outlines_cells_whose_top1_changed(tiny_model, traj):
@@ -144,7 +146,19 @@ def test_diff_outlines_cells_whose_top1_changed(tiny_model, traj):
         r, g, b = _background(attrs)
         assert (b > r) if d > 1e-9 else (r > b) if d < -1e-9 else True
     batch = bt.trajectory(tiny_model, [PROMPT, PROMPT], k=4)
-    assert "0 of" in batch.diff(0, 1).html()  # a prompt against itself: nothing changed
+    assert re.search(r"\(0 of \d+\)", batch.diff(0, 1).html())  # itself: nothing changed
+
+
+def test_each_copy_of_a_heatmap_gets_its_own_element_ids(traj):
+    view = viz.heatmap(traj)
+    page = (view + view).html()
+    ids = re.findall(r'<div class="bt-heat" id="([^"]+)"', page)
+    assert len(ids) == 2 and ids[0] != ids[1]
+    assert view.body() != view.body()
+    assert "<bt-uid>" not in page
+    for uid in ids:  # every element the script looks up exists once
+        for suffix in ("-controls", "-table", "-legend", "-data"):
+            assert page.count(f'id="{uid}{suffix}"') == 1
 
 
 def test_the_bundle_rides_with_the_first_inline_view_only(traj):
@@ -193,22 +207,24 @@ def test_figures_show_as_a_cells_value(tiny_model, traj):
     assert ((4, 0), top1) in texts
     with pytest.raises(ValueError, match="no targets"):
         bt.plot.plot_targets(bt.trajectory(tiny_model, PROMPT))
+    with pytest.raises(ValueError, match="no target is set at position -1"):
+        bt.plot.plot_targets(bt.trajectory(tiny_model, PROMPT, targets="next"))
+    one = bt.trajectory(tiny_model, PROMPT, targets=" Rome")
+    rank_fig = bt.plot.plot_heatmap(one, "rank", max_tokens=5)  # the only target's rank
+    assert rank_fig.axes[1].get_ylabel() == "-log10 rank:  Rome"
+    with pytest.raises(TypeError, match="pick one"):
+        bt.plot.plot_heatmap(bt.trajectory(tiny_model, [PROMPT, "Hello"]))
 
 
 def test_progress_bars_are_text_without_ipywidgets_and_never_warn(monkeypatch):
-    import importlib.util
+    import sys
 
     from tqdm.std import tqdm as text_bar
 
     from beyond_top1 import progress
 
     progress._bar_class.cache_clear()
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "ipywidgets" else real(name, *a),
-    )
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # "import ipywidgets" now fails
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -45,8 +45,8 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     for path in (args.csv, args.targets_csv, args.html):
         if path and Path(path).exists():  # before any work
             raise OutputError(f"{path} exists; remove it or choose another file name")
-    if args.targets_csv and not args.target:
-        raise OutputError("--targets-csv needs at least one --target")
+    if args.targets_csv and not (args.target or args.target_id):
+        raise OutputError("--targets-csv needs at least one --target or --target-id")
     model = load_model_from_args(args)
     lens = read_lens_arg(model, args.lens)
     frame = top_tokens(model, args.prompt, lens=lens, k=args.k, position=args.position)
@@ -54,8 +54,8 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     print(top_tokens_table(frame).to_string())
     if args.csv:
         write_new_file(args.csv, lambda tmp: frame.to_csv(tmp, index=False))
-    if args.target or args.html:
-        targets = [_target_arg(t) for t in args.target] or None
+    if args.target or args.target_id or args.html:
+        targets = [*args.target, *args.target_id] or None
         traj = trajectory(model, args.prompt, lens=lens, k=args.k, targets=targets)
         if targets:
             frame = traj.targets
@@ -71,11 +71,6 @@ def _cmd_lens(args: argparse.Namespace) -> int:
             heatmap(traj, stat=stat).save(args.html)
             print(f"wrote {args.html}")
     return 0
-
-
-def _target_arg(text: str) -> str | int:
-    """``--target`` values: a token id when it is a number, else a string (one token)."""
-    return int(text) if text.strip().isdigit() else text
 
 
 def _cmd_fit_lens(args: argparse.Namespace) -> int:
@@ -144,8 +139,11 @@ def add_parsers(commands) -> None:
         "--target",
         action="append",
         default=[],
-        help="a token to follow across layers: one token (' Rome', with its space) or an id; "
-        "repeat for several",
+        help="a token to follow across layers: a string that is one token (' Rome', with its "
+        "space; 'next' = the actual next token); repeat for several",
+    )
+    lens.add_argument(
+        "--target-id", action="append", type=int, default=[], help="a token id to follow"
     )
     lens.add_argument("--targets-csv", help="write the targets' ranks at every layer and position")
     lens.add_argument("--html", help="write the layer × position heatmap (offline HTML) here")

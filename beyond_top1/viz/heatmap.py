@@ -19,13 +19,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from beyond_top1.viz.view import View, _js_json, readable_token
+from beyond_top1.viz.view import UID_MARK, View, _js_json, readable_token
 
 if TYPE_CHECKING:
     from beyond_top1.prompt import Trajectory, TrajectoryBatch
@@ -111,6 +110,15 @@ def _check_same_prompt(trajs: Sequence[Trajectory], what: str) -> None:
             raise ValueError(f"{what} needs trajectories with the same number of layers")
 
 
+def _significant(values: np.ndarray, digits: int = 4) -> np.ndarray:
+    """``values`` rounded to ``digits`` significant digits (NaN and 0 stay)."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(np.isfinite(values) & (values != 0), np.floor(np.log10(np.abs(values))), 0)
+        factor = 10.0 ** (digits - 1 - scale)
+        return np.where(np.isfinite(values), np.round(values * factor) / factor, values)
+
+
 def _panel(name: str, traj: Trajectory, start: int, stop: int, stats, strings: dict) -> dict:
     """One run's data for the script: top-k as indices into the shared ``strings`` (added to
     as needed), their probabilities, and every statistic, ``[layer][col]``, rounded."""
@@ -119,8 +127,12 @@ def _panel(name: str, traj: Trajectory, start: int, stop: int, stats, strings: d
         strings.setdefault(int(i), len(strings))
     local = np.vectorize(lambda i: strings[int(i)], otypes=[np.int64])(ids)
     probs = np.round(np.exp(traj.top_logprobs[start:stop].transpose(1, 0, 2).astype(float)), 3)
-    values = {s: np.round(traj.stat(s)[start:stop].T, 3 if _kind(s) == "prob" else 2)
-              for s in stats}  # fmt: skip
+    values = {
+        s: traj.stat(s)[start:stop].T
+        if _kind(s) == "rank"
+        else _significant(traj.stat(s)[start:stop].T)
+        for s in stats
+    }  # ranks stay exact integers
     return {"name": name, "top": local, "p": probs, "values": values}
 
 
@@ -132,6 +144,11 @@ def _static_cells(traj: Trajectory, start: int, stop: int) -> list[list[str]]:
     ]
 
 
+def _changed(traj: Trajectory, base: Trajectory, start: int, stop: int) -> np.ndarray:
+    """``[layer][col]``: whether the top-1 id differs between the runs."""
+    return (traj.top_ids[start:stop, :, 0] != base.top_ids[start:stop, :, 0]).T
+
+
 def _render(uid, traj, base, stat, vocab, start, stop, header) -> str:
     """The table of ``traj`` (minus ``base`` for a diff) coloured by ``stat``, in Python."""
     values = traj.stat(stat)[start:stop].T
@@ -140,6 +157,7 @@ def _render(uid, traj, base, stat, vocab, start, stop, header) -> str:
     low, high, kind = _scale(np.asarray(values, dtype=np.float64), stat, vocab, base is not None)
     cells = _static_cells(traj, start, stop)
     base_cells = _static_cells(base, start, stop) if base is not None else None
+    changed = _changed(traj, base, start, stop) if base is not None else None
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     rows = []
     for layer in range(traj.n_layers - 1, -1, -1):
@@ -149,7 +167,7 @@ def _render(uid, traj, base, stat, vocab, start, stop, header) -> str:
             bg, fg = _colour(value, low, high, kind)
             text = cells[layer][col]
             cls = ""
-            if base_cells is not None and base_cells[layer][col] != text:
+            if changed is not None and changed[layer][col]:
                 cls, text = ' class="bt-changed"', f"{base_cells[layer][col]}→{text}"
             tds.append(f'<td{cls} style="background:{bg};color:{fg}">{html.escape(text)}</td>')
         rows.append(f"<tr><th>{layer}</th>{''.join(tds)}</tr>")
@@ -203,8 +221,8 @@ function(x){return"<th>"+esc(x)+"</th>";}).join("")+"</tr>";
 for(var l=L-1;l>=0;l--){var tds=[];for(var j=0;j<P.top[l].length;j++){var v=vals[l][j];
 var cl=colour(v,sc[0],sc[1],sc[2]),txt=cell(P,l,j),tip=tipOf(P,l,j)+" | "+s+" = "+
 (v===null?"NaN":sc[2]==="rank"?String(Math.round(v)):(+v).toPrecision(4)),cls="";
-if(B){var b=cell(B,l,j);
-if(b!==txt){cls=' class="bt-changed"';txt=b+"\\u2192"+txt;}tip=tipOf(B,l,j)+" || "+tip;}
+if(B){if(D.changed[l][j]){cls=' class="bt-changed"';txt=cell(B,l,j)+"\\u2192"+txt;}
+tip=tipOf(B,l,j)+" || "+tip;}
 tds.push("<td"+cls+' style="background:'+cl[0]+";color:"+cl[1]+'" title="'+esc(tip)+'">'+
 esc(txt)+"</td>");}rows.push("<tr><th>"+l+"</th>"+tds.join("")+"</tr>");}
 document.getElementById(uid+"-table").innerHTML=h+rows.join("");
@@ -213,7 +231,7 @@ var lg=sc[2]==="rank"?"rank 1 (dark) to "+Math.round(Math.pow(10,sc[1]))+" (ligh
 (+sc[1]).toPrecision(3):(+sc[0]).toPrecision(3)+" (light) to "+(+sc[1]).toPrecision(3)+
 " (dark)";document.getElementById(uid+"-legend").textContent="colour: "+s+
 (B?" (second \\u2212 first)":"")+", "+lg;}
-lens.addEventListener("change",draw);stat.addEventListener("change",draw);})();"""
+lens.addEventListener("change",draw);stat.addEventListener("change",draw);draw();})();"""
 
 
 def _options(items: Sequence[tuple[object, str]], chosen: str | None = None) -> str:
@@ -226,7 +244,7 @@ def _options(items: Sequence[tuple[object, str]], chosen: str | None = None) -> 
 
 def _heat_view(trajs, names, base, stats, stat, start, stop, header, title, caption) -> View:
     """The view: the first run's table in Python, the data and the script for the menus."""
-    uid = "bt-heat-" + secrets.token_hex(6)
+    uid = UID_MARK  # View.body() puts a fresh id in its place on every call
     first = trajs[0]
     vocab = int(first.settings.get("d_vocab") or len(first.vocab))
     strings: dict[int, int] = {}
@@ -245,6 +263,7 @@ def _heat_view(trajs, names, base, stats, stat, start, stop, header, title, capt
         "chars": _CELL_CHARS,
         "vocab": vocab,
         "kinds": {s: _kind(s) for s in stats},
+        "changed": None if base is None else _changed(first, base, start, stop),
     }
     what = "run" if base is not None else "lens"
     controls = (
@@ -253,23 +272,29 @@ def _heat_view(trajs, names, base, stats, stat, start, stop, header, title, capt
         f'<select data-role="stat">{_options([(s, s) for s in stats], stat)}</select></div>'
     )
     body = _render(uid, first, base, stat, vocab, start, stop, header)
-    parts = [
-        HEATMAP_STYLE,
-        f'<div class="bt-caption">{caption}</div>',
-        f'<div class="bt-heat" id="{uid}">{controls}{body}</div>',
-        f'<script type="application/json" id="{uid}-data">{_js_json(data)}</script>',
-        f"<script>{_SCRIPT % {'uid': json.dumps(uid)}}</script>",
-    ]
-    return View(parts, title=title)
+    part = (
+        f'{HEATMAP_STYLE}\n<div class="bt-caption">{caption}</div>\n'
+        f'<div class="bt-heat" id="{uid}">{controls}{body}</div>\n'
+        f'<script type="application/json" id="{uid}-data">{_js_json(data)}</script>\n'
+        f"<script>{_SCRIPT % {'uid': json.dumps(uid)}}</script>"
+    )
+    return View([part], title=title)
 
 
 def _stat_name(traj: Trajectory, stat: str, stats: list[str]) -> str:
     """``stat`` as a menu name (``"rank"`` means the only target's rank)."""
-    if stat in ("rank", "logprob", "logit") and len(traj.target_labels) == 1:
-        stat = f"{stat}: {traj.target_labels[0]}"
+    stat = traj.stat_name(stat)
     if stat not in stats:
         raise ValueError(f"unknown statistic {stat!r}; choose from {stats}")
     return stat
+
+
+def _refuse_batches(items, what: str) -> None:
+    if any(hasattr(item, "trajectories") for item in items):
+        raise TypeError(
+            f"{what} takes trajectories of one prompt; for a batch use batch.render() or "
+            f"bt.views.batch_view(batch), or pick one: batch[0]"
+        )
 
 
 def _common_stats(trajs: Sequence[Trajectory]) -> list[str]:
@@ -297,6 +322,7 @@ def heatmap(
     """
     if not trajs:
         raise ValueError("heatmap needs at least one trajectory")
+    _refuse_batches(trajs, "heatmap")
     _check_same_prompt(trajs, "heatmap")
     stats = _common_stats(trajs)
     stat = _stat_name(trajs[0], stat, stats)
@@ -332,6 +358,7 @@ def diff(
     (``bt.trajectory(model, p, fwd_hooks=...)``), or two prompts of equal token length (clean and
     corrupted). ``names`` label the runs.
     """
+    _refuse_batches((first, second), "diff")
     if first.n_positions != second.n_positions or first.n_layers != second.n_layers:
         raise ValueError(
             f"diff needs runs of the same length and layers, got {first.n_positions} and "
@@ -360,7 +387,8 @@ def diff(
 
 
 def batch_view(batch: TrajectoryBatch, *, stat: str = "prob", **kwargs) -> View:
-    """The heatmap of every prompt of ``batch``, one below the other."""
+    """The heatmap of every prompt of ``batch``, one below the other (``kwargs`` as for
+    :func:`heatmap`)."""
     parts: list = []
     for i, traj in enumerate(batch):
         parts.append(f"<h4>prompt {i}: {html.escape(traj.prompt[:120])}</h4>")

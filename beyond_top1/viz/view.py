@@ -10,6 +10,7 @@ import html
 import json
 import math
 import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +26,9 @@ if TYPE_CHECKING:  # the prompt module renders through this one, not the reverse
     pass
 
 DEFAULT_MAX_TOKENS = 200
+# In a string part, replaced by a fresh element id on every View.body() call. It cannot occur in
+# escaped text or in script JSON (both escape "<"), only where a renderer put it.
+UID_MARK = "<bt-uid>"
 GENERATOR_TAG = '<meta name="generator" content="beyond-top1">'  # marks pages this tool wrote
 _LEGEND_INLINE = 24  # longer position keys are folded into a <details> element
 _MARKERS = {"\n": "↵", "\t": "⇥", "\r": "␍"}
@@ -42,6 +46,7 @@ VIEW_STYLE = """<style>
 .bt-grid td.bt-sat{font-weight:bold;box-shadow:inset 3px 0 0 #1a8f3a}
 .bt-cv-error{color:#b00020;font-weight:bold}
 .bt-fallback{margin:4px 0}
+.bt-cv-missing{background:#fff6d5;border-left:3px solid #e0b000;padding:3px 8px;font-size:12.5px}
 </style>"""
 
 
@@ -149,7 +154,7 @@ def _mount(component: Component) -> str:
     name = component.name
     missing = (
         "Static copy: the CircuitsVis bundle is not on this page (it comes with the first view "
-        "of a session). Re-run this cell, or call bt.views.bundle_mode('every')."
+        "of a session). Run bt.views.bundle_mode() and re-run this cell."
     )
     return (
         f'<div class="bt-cv" id="{uid}" data-component="{name}"></div>\n'
@@ -157,7 +162,7 @@ def _mount(component: Component) -> str:
         f"<script>(function(){{var el=document.getElementById({json.dumps(uid)});"
         f"var st=document.getElementById({json.dumps(uid + '-static')});"
         f'if(typeof CircuitsVis==="undefined"){{var n=document.createElement("div");'
-        f'n.className="bt-note";n.textContent={json.dumps(missing)};el.appendChild(n);return;}}'
+        f'n.className="bt-cv-missing";n.textContent={json.dumps(missing)};el.appendChild(n);return;}}'
         f"try{{CircuitsVis.render({json.dumps(uid)},CircuitsVis.{name},"
         f"{_js_json(component.props)});if(st){{st.remove();}}}}"
         f'catch(e){{el.textContent="CircuitsVis could not render {name}: "+e;'
@@ -165,17 +170,24 @@ def _mount(component: Component) -> str:
     )
 
 
+def _fresh_ids(part: str) -> str:
+    return part.replace(UID_MARK, "bt-" + secrets.token_hex(6)) if UID_MARK in part else part
+
+
 BUNDLE_MODES = ("once", "every")
-_SESSION = {"mode": "once", "bundle_shown": False}
+# Colab shows every output in its own frame: a global defined by one output is not seen by the
+# next, so there every view carries the bundle.
+_SESSION = {"mode": "every" if "google.colab" in sys.modules else "once", "bundle_shown": False}
 
 
 def bundle_mode(mode: str = "once") -> None:
     """How inline views carry the ~1.3 MB CircuitsVis bundle in this Python session.
 
-    ``"once"`` (the default): the first view displayed carries it and later views use the
-    global it defines, so a notebook holds it once. ``"every"``: each view carries its own copy
-    (heavier, but every output stands alone). Saved files (``view.save``) always carry it.
-    Calling this also makes the next view carry the bundle again.
+    ``"once"`` (the default; ``"every"`` in Google Colab, whose outputs do not share a page):
+    the first view displayed carries it and later views use the global it defines, so a
+    notebook holds it once. ``"every"``: each view carries its own copy (heavier, but every
+    output stands alone). Saved files (``view.save``) always carry it. Calling this also makes
+    the next view carry the bundle again (e.g. after clearing the output that had it).
     """
     if mode not in BUNDLE_MODES:
         raise ValueError(f"mode must be one of {BUNDLE_MODES}, got {mode!r}")
@@ -203,7 +215,7 @@ class View:
 
     def body(self) -> str:
         """The view's HTML without the bundle (fresh element ids on every call)."""
-        out = [p if isinstance(p, str) else _mount(p) for p in self.parts]
+        out = [_fresh_ids(p) if isinstance(p, str) else _mount(p) for p in self.parts]
         return '<div class="bt-view">\n' + "\n".join(out) + "\n</div>"
 
     def html(self) -> str:
