@@ -355,7 +355,7 @@ def _warn_no_bf16(device_type: str) -> None:
         f"precision='bf16': this {device_type} has no fast bf16 matrix multiply, so fp32 GEMMs "
         "propose the candidates instead (same top-k ids, ranks within k and saturation layers; "
         "slower than bf16 where it is native)",
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -664,6 +664,27 @@ def normed_residual(
     return hooked.final_norm(lens.model, lens.transform(resid.double(), layer)).float()
 
 
+class _LayerReader:
+    """One layer's exact top-k of given residual rows through a lens (fp32 or bf16 proposals);
+    the rows are independent, so any subset of them reads the same."""
+
+    def __init__(self, lens, device: torch.device, precision: str, n_candidates: int):
+        self.lens = lens
+        self.gemm16 = _bf16_gemm(device) if precision == "bf16" else None
+        if precision == "bf16" and self.gemm16 is None:
+            _warn_no_bf16(device.type)
+            precision = "fp32"
+        self.precision = precision
+        self.n_candidates = n_candidates
+        self.emb = _Unembedding.of(lens.model, precision)
+
+    def __call__(self, resid: Tensor, layer: int, k: int, final_ids: Tensor | None) -> _Layer:
+        normed = normed_residual(self.lens, resid, layer)
+        if self.precision == "fp32":
+            return _layer_fp32(self.emb, normed, k, final_ids)
+        return _layer_bf16(self.emb, normed, k, final_ids, self.n_candidates, self.gemm16)
+
+
 def lens_topk(
     lens,
     resid: Float[Tensor, "tokens layer d_model"],
@@ -702,11 +723,8 @@ def lens_topk(
             f"resid must have shape [tokens, {len(layers)} layers, d_model], "
             f"got {tuple(resid.shape)}"
         )
-    gemm16 = _bf16_gemm(resid.device) if precision == "bf16" else None
-    if precision == "bf16" and gemm16 is None:
-        _warn_no_bf16(resid.device.type)
-        precision = "fp32"
-    emb = _Unembedding.of(model, precision)
+    read = _LayerReader(lens, resid.device, precision, n_candidates)
+    precision = read.precision
     tokens = resid.shape[0]
     shape = (tokens, len(layers), k)
     top_ids = torch.empty(shape, dtype=torch.int64, device=resid.device)
@@ -719,11 +737,7 @@ def lens_topk(
         for j in reversed(range(len(layers))):  # the last layer first: it defines the final top-k
             if tokens == 0:
                 continue
-            normed = normed_residual(lens, resid[:, j], layers[j])
-            if precision == "fp32":
-                layer = _layer_fp32(emb, normed, k, final_ids)
-            else:
-                layer = _layer_bf16(emb, normed, k, final_ids, n_candidates, gemm16)
+            layer = read(resid[:, j], layers[j], k, final_ids)
             top_ids[:, j], top_logprobs[:, j], final_ranks[:, j] = (
                 layer.ids,
                 layer.logprobs,
@@ -739,4 +753,82 @@ def lens_topk(
     )
 
 
-__all__ = ["PRECISIONS", "TopKReadout", "exact_logits", "lens_topk", "normed_residual"]
+@dataclass
+class SaturationReadout:
+    """Per position: the final top-k and the saturation layers, without the trajectories.
+
+    Attributes:
+        final_ids: exact top-k ids at the last layer (rank order).
+        final_logprobs: their log-probs, within ``final_logprob_error``.
+        s: saturation layers ``s_1..s_k`` (as :func:`beyond_top1.saturation.saturation_layers`
+            of the full read-out).
+        rows_read: (position, layer) rows read, the last layer included: the cost, against
+            ``positions × L`` for :func:`lens_topk`.
+    """
+
+    final_ids: Int[Tensor, "tokens k"]
+    final_logprobs: Float[Tensor, "tokens k"]
+    final_logprob_error: Float[Tensor, " tokens"]
+    s: Int[Tensor, "tokens k"]
+    rows_read: int
+    precision: str = "fp32"
+
+
+def lens_saturation(
+    lens,
+    resid: Float[Tensor, "tokens layer d_model"],
+    k: int,
+    *,
+    precision: str = "fp32",
+    n_candidates: int = DEFAULT_CANDIDATES,
+) -> SaturationReadout:
+    """``s_1..s_k`` of ``resid`` (layers ``0..L-1``) read from the last layer down.
+
+    ``s_i`` is the first layer of the final unbroken run of rank ``i``, so a position needs
+    only the layers from the top down to where its last tracked run breaks: at each layer
+    only the rows with a run still unbroken are read, by the same exact per-layer kernel as
+    :func:`lens_topk` (rows are independent, so the ids, and hence ``s``, are the same).
+    """
+    model = lens.model
+    L = hooked.n_layers(model)
+    vocab = hooked.d_vocab(model)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
+    if resid.ndim != 3 or resid.shape[1] != L:
+        raise ValueError(
+            f"resid must have shape [tokens, {L} layers, d_model], got {tuple(resid.shape)}"
+        )
+    read = _LayerReader(lens, resid.device, precision, n_candidates)
+    tokens = resid.shape[0]
+    device = resid.device
+    with torch.inference_mode():
+        last = read(resid[:, L - 1], L - 1, k, None)
+        final_ids = last.ids
+        s = torch.full((tokens, k), L - 1, dtype=torch.int64, device=device)
+        running = torch.ones((tokens, k), dtype=torch.bool, device=device)
+        rows_read = tokens
+        for layer in range(L - 2, -1, -1):
+            rows = running.any(-1).nonzero().squeeze(-1)
+            if not len(rows):
+                break
+            ids = read(resid[rows, layer], layer, k, None).ids  # ids only: no rank counts
+            rows_read += len(rows)
+            holds = running[rows] & (ids == final_ids[rows])
+            running[rows] = holds
+            s[rows] = torch.where(holds, layer, s[rows])
+    return SaturationReadout(
+        final_ids, last.logprobs, last.logprob_error, s, rows_read, read.precision
+    )
+
+
+__all__ = [
+    "PRECISIONS",
+    "SaturationReadout",
+    "TopKReadout",
+    "exact_logits",
+    "lens_saturation",
+    "lens_topk",
+    "normed_residual",
+]

@@ -2,7 +2,14 @@
 
 Measured on the same texts in this one process tree:
 
-* **ours (fp32)** and **ours (bf16, verified)**: :func:`beyond_top1.scan` tokens/second;
+* **ours (fp32)** and **ours (bf16, verified)**: :func:`beyond_top1.scan` tokens/second, the full
+  read-out (every layer kept) and the saturation-only one (``keep="saturation"``: ``-sat``);
+* **forward**: the forward pass alone, caching the residual streams a scan reads
+  (:func:`beyond_top1.activations.stream_residuals`);
+* **TL 4.3**: TransformerLens 4's ``logit_lens(model, tokens, positions=None, top_k=k)`` on a
+  compatibility-mode bridge, on the same right-padded token ids (it also reads the padding and
+  position 0, which our scan does not score; tokens/s counts the same scored tokens), when the
+  installed TransformerLens is 4.x;
 * **naive**: what the public code of 001 does — hidden states of every layer, final norm +
   unembedding to full ``[layers, pos, vocab]`` logits, a full sort of the vocabulary per layer,
   python loops over positions and ranks — on a subset of the texts;
@@ -13,8 +20,9 @@ Every configuration runs in a fresh subprocess, so its peak RSS is its own; each
 corpus sizes to show whether memory grows with the number of texts. The naive reference is also
 checked to give the same saturation layers as ours on its subset.
 
-    python experiments/bench_scan.py                     # default sizes
+    python experiments/bench_scan.py                     # default sizes, 1 thread
     python experiments/bench_scan.py --sizes 4 16 --naive-texts 2 --out runs/bench
+    python experiments/bench_scan.py --table-only --sizes 8 8 --threads 1   # the goals table
 """
 
 from __future__ import annotations
@@ -116,21 +124,42 @@ def worker(args) -> None:
 
     import beyond_top1 as bt
 
+    torch.set_num_threads(args.threads)
     model = bt.load_model(args.model)
     texts = bt.wiki_texts(args.n_texts, split="val", seed=0)
     n_tokens = bt.activations.count_scored_tokens(model, texts, max_len=args.max_len)
     base_mb = _reset_peak_rss()
     start = time.perf_counter()
+    s = None
     if args.method == "naive":
         s = run_naive(model, texts, args.k, args.max_len)
+    elif args.method == "forward":
+        layers = tuple(range(model.cfg.n_layers))
+        for _ in bt.stream_residuals(
+            model, texts, layers=layers, batch_size=args.batch_size, max_len=args.max_len,
+            progress=False,
+        ):  # fmt: skip
+            pass
+    elif args.method == "tl4":
+        from transformer_lens.tools.analysis import logit_lens
+
+        from beyond_top1.data import iter_token_batches
+
+        with torch.no_grad():
+            for batch in iter_token_batches(
+                model, texts, batch_size=args.batch_size, max_len=args.max_len
+            ):
+                logit_lens(model, batch.tokens, positions=None, top_k=args.k)
     else:
+        precision, _, keep = args.method.partition("-")
         result = bt.scan(
             model,
             texts,
             k=args.k,
             max_len=args.max_len,
             batch_size=args.batch_size,
-            precision=args.method,
+            precision=precision,
+            keep="saturation" if keep == "sat" else "all",
             progress=False,
         )
         s = result.saturation_array().tolist()
@@ -147,7 +176,7 @@ def worker(args) -> None:
         "peak_added_mb": peak_mb - base_mb,
         "threads": torch.get_num_threads(),
     }
-    if args.save_s:
+    if args.save_s and s is not None:
         Path(args.save_s).write_text(json.dumps(s))
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -169,6 +198,8 @@ def spawn(method: str, n_texts: int, args, save_s: str | None = None) -> dict:
         str(args.batch_size),
         "--model",
         args.model,
+        "--threads",
+        str(args.threads),
     ]
     if save_s:
         command += ["--save-s", save_s]
@@ -188,6 +219,12 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=None, help="folder for bench_scan.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="only the goals table: TL 4.3, forward, full and saturation-only scans, one size",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--n-texts", type=int, default=8, help=argparse.SUPPRESS)
@@ -213,6 +250,9 @@ def main() -> None:
     print(f"{flops / 1e9:.2f} GFLOP per token -> fp32 FLOP bound {bound:.1f} tokens/s")
     rows = []
     tmp = Path(tempfile.mkdtemp())
+    if args.table_only:
+        goals_table(args, tmp, bound)
+        return
     for size in args.naive_texts:
         rows.append(spawn("naive", size, args, save_s=str(tmp / f"naive-{size}.json")))
         print(rows[-1])
@@ -275,6 +315,53 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_scan.json").write_text(json.dumps(summary, indent=1))
+
+
+GOALS = {  # method: (goal vs TL 4.3 logit_lens, goal vs the forward pass: at most x its time)
+    "fp32": (1.3, None),
+    "bf16": (3.0, None),
+    "fp32-sat": (3.0, 3.0),
+    "bf16-sat": (5.0, 2.0),
+}
+
+
+def goals_table(args, tmp: Path, bound: float) -> None:
+    """Issue 17's table: every row measured in this run, on the same texts and threads."""
+    from beyond_top1.bridge import transformer_lens_major
+
+    size = args.sizes[-1]
+    methods = ["forward", "fp32", "bf16", "fp32-sat", "bf16-sat"]
+    if transformer_lens_major() >= 4:
+        methods.insert(0, "tl4")
+    runs = {m: spawn(m, size, args, save_s=str(tmp / f"{m}.json")) for m in methods}
+    same = {
+        m: json.loads((tmp / f"{m}.json").read_text())
+        == json.loads((tmp / "fp32.json").read_text())
+        for m in ("bf16", "fp32-sat", "bf16-sat")
+    }
+    tl = runs.get("tl4", {}).get("tokens_per_second")
+    forward = runs["forward"]["seconds"]
+    print(
+        f"\n{size} texts x <= {args.max_len} tokens, {runs['fp32']['n_tokens']} scored tokens, "
+        f"k={args.k}, {args.threads} thread(s); FLOP bound (forward + full read-out, fp32): "
+        f"{bound:.1f} tokens/s"
+    )
+    print(
+        f"{'read-out':>10} {'tok/s':>8} {'peak MB':>8} {'vs TL 4.3':>10} {'goal':>6} "
+        f"{'time / forward':>15} {'goal':>6} {'same s':>7}"
+    )
+    for m, r in runs.items():
+        vs_tl = f"{r['tokens_per_second'] / tl:.2f}x" if tl else "-"
+        goal_tl, goal_fw = GOALS.get(m, (None, None))
+        print(
+            f"{m:>10} {r['tokens_per_second']:>8.1f} {r['peak_rss_mb']:>8.0f} {vs_tl:>10} "
+            f"{(f'>={goal_tl}x' if goal_tl else ''):>6} {r['seconds'] / forward:>14.2f}x "
+            f"{(f'<={goal_fw}x' if goal_fw else ''):>6} {str(same.get(m, '')):>7}"
+        )
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        summary = {"runs": runs, "same_saturation_as_fp32": same, "flop_bound": bound}
+        (Path(args.out) / "bench_scan_goals.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,13 @@ def test_scan_and_order_commands(converted, tmp_path):
     assert order.returncode == 0, order.stderr
     assert "untrained:gpt2-small [logit]" in order.stdout
     assert "mean_tau" in (tmp_path / "order.csv").read_text()
+    only_s = run_cli(
+        "scan", *common, "--k", "3", "--keep", "saturation", "--out", str(tmp_path / "b")
+    )
+    assert only_s.returncode == 0, only_s.stderr
+    assert not (tmp_path / "b" / "trajectories.safetensors").exists()
+    same = (tmp_path / "a" / "saturation.parquet").read_bytes()
+    assert (tmp_path / "b" / "saturation.parquet").read_bytes() == same
 
 
 def test_texts_file_is_read_whole_unless_n_texts_is_given(tmp_path):

@@ -44,6 +44,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         batch_size=args.batch_size,
         score_first=args.score_first_token,
+        keep=args.keep,
     )
     model = load_model_from_args(args)
     lens = read_lens_arg(model, args.lens)
@@ -102,6 +103,13 @@ def add_parsers(commands) -> None:
         default="fp32",
         help="which GEMM proposes candidates; the exact rule gives the same top-k ids, "
         "ranks within k and saturation layers either way (default: %(default)s)",
+    )
+    scan.add_argument(
+        "--keep",
+        choices=["all", "saturation"],
+        default="all",
+        help="'saturation': only the final top-k and s_1..s_k (the same values), read from the "
+        "last layer down, several times faster; no per-layer files (default: %(default)s)",
     )
     scan.add_argument("--out", required=True, help="output folder")
     scan.add_argument("--resume", action="store_true", help="continue an interrupted run")

@@ -52,6 +52,7 @@ def _matched_donor(rng, text: pd.DataFrame, layer: int, token: int, target: int,
 def _plan_trials(scan, pairs: pd.DataFrame, offsets, L: int, controls: bool, seed: int):
     """One row per run: ``pair_id, kind, d, layer, text_id, tgt_pos, from_pos``."""
     frame = scan.saturation
+    scan.require_trajectories("the matched-donor control")
     top1_at = np.asarray(scan.top_ids)[:, :, 0]  # [n, L]: the lens top-1 at every layer
     texts = {}
     for text_id, part in frame.groupby("text_id"):

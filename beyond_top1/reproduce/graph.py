@@ -180,14 +180,17 @@ class Graph:
         config = scan_task.ScanConfig(
             self.texts("val", 0, s.scan_texts), k=s.k, precision=s.precision, **self._common()
         )
+        # A model whose scan feeds only the ordering statistics needs only s: saturation-only.
+        only_s = replace(config, keep="saturation")
         steps = [
             Step(
                 f"scan-{slug(m.label)}",
-                config,
+                config if m is self.main or s.twin_analyses else only_s,
                 self._scan,
                 m,
                 describe=f"{m.label}, {s.scan_texts} val texts × ≤{s.max_len} tokens, k={s.k}, "
-                f"{s.precision}",
+                f"{s.precision}"
+                + ("" if m is self.main or s.twin_analyses else ", saturation only"),
             )
             for m in [self.main, *self.twins]
         ]

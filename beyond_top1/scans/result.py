@@ -2,6 +2,9 @@
 (optionally a probe's predictions), written as ``saturation.parquet``,
 ``trajectories.safetensors``, ``texts.jsonl``, ``summary.json`` and ``settings.json``.
 
+A saturation-only scan (``keep="saturation"``) keeps no per-layer arrays: the same files without
+``trajectories.safetensors`` (further lenses' final top-k and ``s`` go to ``lenses.safetensors``).
+
 A folder records the files beyond-top1 wrote (see :mod:`beyond_top1.fileio`); an interrupted
 run leaves ``shards/``, which ``resume=True`` continues from. Statistics are computed on
 request (:meth:`ScanResult.ordering`), never when saving.
@@ -43,12 +46,14 @@ class ScanResult:
         saturation: one row per position: ``text_id, pos, token_id, next_token_id`` (``-1`` at
             a text's last token), ``top_1_id..top_k_id`` (the final top-k), ``s_1..s_k``, all
             under the scan's (first) lens.
-        top_ids: ``[n, L, k]`` that lens' top-k ids at every layer (rank order).
+        top_ids: ``[n, L, k]`` that lens' top-k ids at every layer (rank order); this and the
+            next three are ``None`` in a saturation-only scan (``keep="saturation"``).
         final_ranks: ``[n, L, k]`` rank (1-based) of final token ``i`` at every layer.
         top_logprobs: ``[n, L, k]`` log-probs of ``top_ids`` under the lens.
         resid_cos: ``[n, L]`` ``cos(h_l, h_{l-1})`` (``h_{-1}`` = the embedding).
         settings: how the scan was made (model, lenses, k, precision, texts...).
-        other_lenses: per further lens name, its ``top_ids``, ``final_ranks``, ``top_logprobs``.
+        other_lenses: per further lens name, its ``top_ids``, ``final_ranks``, ``top_logprobs``
+            (saturation-only: its ``final_ids`` and ``s``, ``[n, k]``).
         probe_task, probe_settled: ``[n, L]`` a task probe's prediction (and its probability of
             task ``>= 2``) at every layer, when the scan was given a probe.
         texts: the texts scanned (``None`` for scans saved before scans kept them).
@@ -56,10 +61,10 @@ class ScanResult:
     """
 
     saturation: pd.DataFrame
-    top_ids: Int[np.ndarray, "n layer k"]
-    final_ranks: Int[np.ndarray, "n layer k"]
-    top_logprobs: Float[np.ndarray, "n layer k"]
-    resid_cos: Float[np.ndarray, "n layer"]
+    top_ids: Int[np.ndarray, "n layer k"] | None
+    final_ranks: Int[np.ndarray, "n layer k"] | None
+    top_logprobs: Float[np.ndarray, "n layer k"] | None
+    resid_cos: Float[np.ndarray, "n layer"] | None
     settings: dict = field(default_factory=dict)
     other_lenses: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     probe_task: Int[np.ndarray, "n layer"] | None = field(default=None, repr=False)
@@ -69,11 +74,28 @@ class ScanResult:
 
     @property
     def n_layers(self) -> int:
+        if self.top_ids is None:
+            return int(self.settings["n_layers"])
         return int(self.top_ids.shape[1])
 
     @property
     def k(self) -> int:
+        if self.top_ids is None:
+            return int(self.settings["k"])
         return int(self.top_ids.shape[2])
+
+    @property
+    def keeps_trajectories(self) -> bool:
+        """Whether the per-layer arrays were kept (not a ``keep="saturation"`` scan)."""
+        return self.top_ids is not None
+
+    def require_trajectories(self, what: str) -> None:
+        """Raise a clear error when ``what`` needs per-layer arrays this scan did not keep."""
+        if not self.keeps_trajectories:
+            raise ValueError(
+                f"{what} needs the per-layer read-outs, and this scan kept only the saturation "
+                "layers (keep='saturation'); scan again with keep='all' (the default)"
+            )
 
     @property
     def lens_names(self) -> tuple[str, ...]:
@@ -84,6 +106,7 @@ class ScanResult:
 
     def lens_arrays(self, name: str | None = None) -> dict[str, np.ndarray]:
         """``top_ids``, ``final_ranks``, ``top_logprobs`` of lens ``name`` (default: the first)."""
+        self.require_trajectories("lens_arrays")
         if name is None or name == self.lens_names[0]:
             return {key: getattr(self, key) for key in LENS_FIELDS}
         if name not in self.other_lenses:
@@ -97,6 +120,10 @@ class ScanResult:
         """``s_1..s_k`` as an ``[n, k]`` integer array (of another lens: ``lens=name``)."""
         if lens is None or lens == self.lens_names[0]:
             return self.saturation[[f"s_{i}" for i in range(1, self.k + 1)]].to_numpy()
+        if not self.keeps_trajectories:
+            if lens not in self.other_lenses:
+                raise KeyError(f"this scan read the lenses {list(self.lens_names)}, not {lens!r}")
+            return self.other_lenses[lens]["s"].astype(np.int64)
         top_ids = torch.as_tensor(self.lens_arrays(lens)["top_ids"])
         return saturation_layers(top_ids).numpy()
 
@@ -114,10 +141,10 @@ class ScanResult:
 
         return ScanResult(
             self.saturation.iloc[rows].reset_index(drop=True),
-            self.top_ids[rows],
-            self.final_ranks[rows],
-            self.top_logprobs[rows],
-            self.resid_cos[rows],
+            pick(self.top_ids),
+            pick(self.final_ranks),
+            pick(self.top_logprobs),
+            pick(self.resid_cos),
             dict(self.settings),
             {n: {k: v[rows] for k, v in a.items()} for n, a in self.other_lenses.items()},
             pick(self.probe_task),
@@ -149,6 +176,7 @@ class ScanResult:
 
 SATURATION_FILE = "saturation.parquet"
 TRAJECTORIES_FILE = "trajectories.safetensors"
+LENSES_FILE = "lenses.safetensors"  # saturation-only scans with several lenses
 TEXTS_FILE = "texts.jsonl"
 SUMMARY_FILE = "summary.json"
 SETTINGS_FILE = "settings.json"
@@ -158,7 +186,14 @@ FINAL_FILES = (SATURATION_FILE, TRAJECTORIES_FILE, SUMMARY_FILE)
 TRAJECTORY_FIELDS = ("top_ids", "final_ranks", "top_logprobs", "resid_cos")
 SCAN_KIND = "scan"
 _SCAN_FILES = (SETTINGS_FILE, SHARDS_DIR, SATURATION_FILE, TRAJECTORIES_FILE, SUMMARY_FILE)
-_SCAN_FILES += (TIMING_FILE, TEXTS_FILE)
+_SCAN_FILES += (TIMING_FILE, TEXTS_FILE, LENSES_FILE)
+
+
+def final_files(settings: dict) -> tuple[str, ...]:
+    """The files a finished scan with ``settings`` has."""
+    if settings.get("keep") == "saturation":
+        return (SATURATION_FILE, SUMMARY_FILE)
+    return FINAL_FILES
 
 
 def legacy_scan_files(directory: Path) -> tuple[str, ...]:
@@ -208,7 +243,7 @@ class ShardStore:
                     f"cannot resume {folder.path}: it was started with other settings "
                     f"({', '.join(sorted(diff))} differ). Use the same arguments or a new folder."
                 )
-            self.complete = all((folder.path / name).is_file() for name in FINAL_FILES)
+            self.complete = all((folder.path / n).is_file() for n in final_files(settings))
             if self.complete:
                 return
         foreign = folder.foreign()
@@ -285,13 +320,18 @@ def save_scan(result: ScanResult, directory: str | Path | OutputFolder, **orderi
     adopt = () if isinstance(directory, OutputFolder) else legacy_scan_files(Path(directory))
     with output_folder(directory, SCAN_KIND, adopt=adopt) as folder:
         folder.write_bytes(SATURATION_FILE, _parquet_bytes(result.saturation))
-        arrays = {name: np.ascontiguousarray(getattr(result, name)) for name in TRAJECTORY_FIELDS}
+        arrays = {}
+        if result.keeps_trajectories:
+            arrays = {n: np.ascontiguousarray(getattr(result, n)) for n in TRAJECTORY_FIELDS}
         for lens, fields in result.other_lenses.items():
             arrays.update({f"lens/{lens}/{k}": np.ascontiguousarray(v) for k, v in fields.items()})
         for name in ("probe_task", "probe_settled"):
             if getattr(result, name) is not None:
                 arrays[name] = np.ascontiguousarray(getattr(result, name))
-        folder.write_bytes(TRAJECTORIES_FILE, safetensors.numpy.save(arrays))
+        if result.keeps_trajectories:
+            folder.write_bytes(TRAJECTORIES_FILE, safetensors.numpy.save(arrays))
+        elif arrays:
+            folder.write_bytes(LENSES_FILE, safetensors.numpy.save(arrays))
         if result.texts is not None:
             lines = "".join(
                 json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in result.texts
@@ -320,7 +360,12 @@ def load_scan(directory: str | Path) -> ScanResult:
     directory = Path(directory)
     if not directory.is_dir():
         raise ScanFileError(f"no scan folder at {directory}")
-    missing = [name for name in FINAL_FILES if not (directory / name).is_file()]
+    try:
+        settings = json.loads((directory / SUMMARY_FILE).read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        settings = {}
+    keeps = settings.get("keep") != "saturation"
+    missing = [name for name in final_files(settings) if not (directory / name).is_file()]
     if missing:
         hint = (
             " (an interrupted run: continue it with --resume)"
@@ -330,7 +375,8 @@ def load_scan(directory: str | Path) -> ScanResult:
         raise ScanFileError(f"{directory} lacks {', '.join(missing)}{hint}")
     try:
         frame = pd.read_parquet(directory / SATURATION_FILE)
-        arrays = safetensors.numpy.load_file(str(directory / TRAJECTORIES_FILE))
+        arrays_file = directory / (TRAJECTORIES_FILE if keeps else LENSES_FILE)
+        arrays = safetensors.numpy.load_file(str(arrays_file)) if arrays_file.is_file() else {}
         summary = json.loads((directory / SUMMARY_FILE).read_text())
         texts = None
         if (directory / TEXTS_FILE).is_file():
@@ -338,7 +384,7 @@ def load_scan(directory: str | Path) -> ScanResult:
             texts = [json.loads(line)["text"] for line in lines]
     except (OSError, ValueError, KeyError, safetensors.SafetensorError) as exc:
         raise ScanFileError(f"corrupt scan folder {directory}: {exc}. Re-run the scan.") from None
-    if not set(TRAJECTORY_FIELDS) <= set(arrays) or any(
+    if (keeps and not set(TRAJECTORY_FIELDS) <= set(arrays)) or any(
         len(a) != len(frame) for a in arrays.values()
     ):
         raise ScanFileError(f"corrupt scan folder {directory}: arrays do not match the table")
@@ -356,7 +402,7 @@ def load_scan(directory: str | Path) -> ScanResult:
         probe_settled=arrays.get("probe_settled"),
         texts=texts,
         info=info,
-        **{name: arrays[name] for name in TRAJECTORY_FIELDS},
+        **{name: arrays.get(name) for name in TRAJECTORY_FIELDS},
     )
 
 
@@ -372,6 +418,7 @@ _SUMMARY_KEYS = {
 
 __all__ = [
     "FINAL_FILES",
+    "LENSES_FILE",
     "LENS_FIELDS",
     "SATURATION_FILE",
     "SCAN_KIND",
@@ -385,6 +432,7 @@ __all__ = [
     "TIMING_FILE",
     "TRAJECTORIES_FILE",
     "TRAJECTORY_FIELDS",
+    "final_files",
     "legacy_scan_files",
     "load_scan",
     "save_scan",

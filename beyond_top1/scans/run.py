@@ -36,7 +36,7 @@ from beyond_top1.data import (
 from beyond_top1.fileio import OutputFolder
 from beyond_top1.lenses import Lens, resolve_lens
 from beyond_top1.probes import apply_probe, probe_identity
-from beyond_top1.ranking import DEFAULT_CANDIDATES, PRECISIONS, lens_topk
+from beyond_top1.ranking import DEFAULT_CANDIDATES, PRECISIONS, lens_saturation, lens_topk
 from beyond_top1.saturation import saturation_layers
 from beyond_top1.scans.result import (
     LENS_FIELDS,
@@ -50,6 +50,7 @@ from beyond_top1.scans.result import (
 )
 
 MARGIN_TOLERANCE = 1e-4  # bf16: p_1 - p_2 less certain than this is read again in fp32
+KEEPS = ("all", "saturation")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,15 +85,35 @@ def _read_lens(lens: Lens, resid, k: int, precision: str, n_candidates: int):
     return arrays, reread
 
 
-def _scan_batch(batch, lenses: Mapping[str, Lens], k, precision, n_candidates, probe) -> dict:
-    """Compact numpy results for one :class:`~beyond_top1.activations.ResidualBatch`."""
-    resid = batch.resid  # [T, L+1, d]: embedding, then resid_post 0..L-1
-    out = {
+def _saturation_batch(batch, lenses: Mapping[str, Lens], k, precision, n_candidates) -> dict:
+    """``keep="saturation"``: per lens the final top-k and ``s`` only (read downward)."""
+    out = _positions(batch)
+    rows_read = 0
+    for index, (name, lens) in enumerate(lenses.items()):
+        readout = lens_saturation(
+            lens, batch.resid, k, precision=precision, n_candidates=n_candidates
+        )
+        rows_read += readout.rows_read
+        prefix = "" if index == 0 else f"lens/{name}/"
+        out[prefix + "final_ids"] = readout.final_ids.cpu().numpy().astype(np.int32)
+        out[prefix + "s"] = readout.s.cpu().numpy().astype(np.int16)
+    out["rows_read"] = np.array([rows_read], dtype=np.int64)
+    return out
+
+
+def _positions(batch) -> dict:
+    return {
         "text_id": batch.text_ids.cpu().numpy().astype(np.int64),
         "pos": batch.positions.cpu().numpy().astype(np.int64),
         "token_id": batch.token_ids.cpu().numpy().astype(np.int64),
         "next_token_id": batch.next_token_ids.cpu().numpy().astype(np.int64),
     }
+
+
+def _scan_batch(batch, lenses: Mapping[str, Lens], k, precision, n_candidates, probe) -> dict:
+    """Compact numpy results for one :class:`~beyond_top1.activations.ResidualBatch`."""
+    resid = batch.resid  # [T, L+1, d]: embedding, then resid_post 0..L-1
+    out = _positions(batch)
     reread = 0
     for index, (name, lens) in enumerate(lenses.items()):
         arrays, n = _read_lens(lens, resid[:, 1:], k, precision, n_candidates)
@@ -113,24 +134,53 @@ def _scan_batch(batch, lenses: Mapping[str, Lens], k, precision, n_candidates, p
     return out
 
 
-def _assemble(parts: list[dict], settings: dict, texts: list[str]) -> ScanResult:
-    n_layers, k = settings["n_layers"], settings["k"]
-
+def _concatenate(parts: list[dict]):
     def cat(key, shape, dtype):
         arrays = [p[key] for p in parts if key in p]
         return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(shape, dtype)
+
+    return cat
+
+
+def _position_frame(cat, final_ids, s, k: int) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {key: cat(key, (0,), np.int64) for key in ("text_id", "pos", "token_id", "next_token_id")}
+    )
+    for i in range(k):
+        frame[f"top_{i + 1}_id"] = final_ids[:, i].astype(np.int64)
+    for i in range(k):
+        frame[f"s_{i + 1}"] = s[:, i].astype(np.int64)
+    return frame
+
+
+def _assemble_saturation(parts: list[dict], settings: dict, texts: list[str]) -> ScanResult:
+    k = settings["k"]
+    cat = _concatenate(parts)
+    frame = _position_frame(cat, cat("final_ids", (0, k), np.int64), cat("s", (0, k), np.int64), k)
+    others = {
+        name: {
+            "final_ids": cat(f"lens/{name}/final_ids", (0, k), np.int32),
+            "s": cat(f"lens/{name}/s", (0, k), np.int16),
+        }
+        for name in settings.get("lenses", [])[1:]
+    }
+    rows_read = int(sum(int(p["rows_read"][0]) for p in parts))
+    n_rows = len(frame) * settings["n_layers"] * max(1, len(settings.get("lenses", [0])))
+    info = {"layer_rows_read": rows_read, "layer_rows_read_fraction": rows_read / max(n_rows, 1)}
+    return ScanResult(frame, None, None, None, None, settings, others, texts=texts, info=info)
+
+
+def _assemble(parts: list[dict], settings: dict, texts: list[str]) -> ScanResult:
+    if settings.get("keep") == "saturation":
+        return _assemble_saturation(parts, settings, texts)
+    n_layers, k = settings["n_layers"], settings["k"]
+    cat = _concatenate(parts)
 
     lens_shape = (0, n_layers, k)
     dtypes = {"top_ids": np.int32, "final_ranks": np.int32, "top_logprobs": np.float32}
     first = {key: cat(key, lens_shape, dtypes[key]) for key in LENS_FIELDS}
     s = saturation_layers(torch.as_tensor(first["top_ids"])).numpy().astype(np.int64)
-    frame = pd.DataFrame(
-        {key: cat(key, (0,), np.int64) for key in ("text_id", "pos", "token_id", "next_token_id")}
-    )
-    for i in range(k):
-        frame[f"top_{i + 1}_id"] = first["top_ids"][:, -1, i].astype(np.int64)
-    for i in range(k):
-        frame[f"s_{i + 1}"] = s[:, i]
+    frame = _position_frame(cat, first["top_ids"][:, -1], s, k)
     others = {
         name: {key: cat(f"lens/{name}/{key}", lens_shape, dtypes[key]) for key in LENS_FIELDS}
         for name in settings.get("lenses", [])[1:]
@@ -183,6 +233,7 @@ def scan(
     texts_description: str | None = None,
     progress: bool = True,
     score_first: bool = DEFAULT_SCORE_FIRST,
+    keep: str = "all",
     **ordering,
 ) -> ScanResult:
     """Rank trajectories and saturation layers for every scored position of ``texts``.
@@ -207,6 +258,11 @@ def scan(
         texts_description: how the texts were chosen, recorded in the settings.
         score_first: score position 0 of a model without BOS (default: not; it is the
             attention sink, see :mod:`beyond_top1.data`).
+        keep: ``"all"`` (the default) keeps every layer's read-out; ``"saturation"`` only the
+            final top-k and ``s_1..s_k`` (the same values), read from the last layer down and
+            only where a run is unbroken (:func:`~beyond_top1.ranking.lens_saturation`): what
+            ordering statistics, task labels and probes need, at a fraction of the cost. It
+            takes no ``probe`` and gives no trajectories, cosines or early-exit signals.
 
         ordering: the old ``n_permutations`` (ignored with a warning: ordering statistics are
             computed by :meth:`ScanResult.ordering`).
@@ -224,6 +280,10 @@ def scan(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if shard_batches < 1:
         raise ValueError(f"shard_batches must be >= 1, got {shard_batches}")
+    if keep not in KEEPS:
+        raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
+    if keep == "saturation" and probe is not None:
+        raise ValueError("keep='saturation' keeps no per-layer results: a probe needs keep='all'")
     check_batch_size(batch_size)
     first = next(iter(lenses.values()))
     settings = {
@@ -248,6 +308,8 @@ def scan(
         settings["lens_kinds"] = {name: lens.kind for name, lens in lenses.items()}
     if probe is not None:
         settings["probe"] = probe_identity(probe)
+    if keep != "all":  # recorded only when used, so full scans' settings stay as they were
+        settings["keep"] = keep
     run = functools.partial(_run_scan, model, texts, lenses, settings, n_candidates, probe)
     if out is None:
         return run(store=None, progress=progress)[0]
@@ -268,10 +330,11 @@ def _run_scan(model, texts, lenses, settings, n_candidates, probe, *, store, pro
     start = time.perf_counter()
     n_tokens = 0
     pending: list[dict] = []
+    saturation_only = settings.get("keep") == "saturation"
     batches = stream_residuals(
         model,
         texts,
-        layers=(-1, *range(L)),
+        layers=tuple(range(L)) if saturation_only else (-1, *range(L)),
         batch_size=settings["batch_size"],
         max_len=settings["max_len"],
         skip_batches=len(parts),
@@ -279,7 +342,11 @@ def _run_scan(model, texts, lenses, settings, n_candidates, probe, *, store, pro
         score_first=settings["score_first"],
     )
     for batch in batches:
-        pending.append(_scan_batch(batch, lenses, k, settings["precision"], n_candidates, probe))
+        if saturation_only:
+            part = _saturation_batch(batch, lenses, k, settings["precision"], n_candidates)
+        else:
+            part = _scan_batch(batch, lenses, k, settings["precision"], n_candidates, probe)
+        pending.append(part)
         n_tokens += len(batch)
         if len(pending) == shard_batches:
             if store:
@@ -297,4 +364,4 @@ def _run_scan(model, texts, lenses, settings, n_candidates, probe, *, store, pro
     return result, timing
 
 
-__all__ = ["MARGIN_TOLERANCE", "scan"]
+__all__ = ["KEEPS", "MARGIN_TOLERANCE", "scan"]

@@ -21,6 +21,7 @@ class ScanConfig:
     max_len: int | None = None
     batch_size: int = 8
     score_first: bool = False
+    keep: str = "all"  # "saturation": s and the final top-k only (see bt.scan)
 
 
 def run(
@@ -51,6 +52,7 @@ def run(
         texts_description=config.texts.describe(),
         progress=progress,
         score_first=config.score_first,
+        keep=config.keep,
     )
 
 
