@@ -29,7 +29,6 @@ from beyond_top1 import hooked
 from beyond_top1.ranking import (
     _compact,
     _fp32_error,
-    _ieee_matmul,
     _row_norm,
     _Unembedding,
     exact_logits,
@@ -130,8 +129,7 @@ def cell_stats(
             final_logp = None
             for j in reversed(range(len(layers))):
                 normed = normed_residual(lens, resid[rows, j], layers[j])
-                with _ieee_matmul():
-                    logits = normed @ emb.weight + emb.bias
+                logits = emb.logits(normed)
                 capped = logits.double()
                 if cap > 0:
                     capped = cap * torch.tanh(capped / cap)

@@ -167,6 +167,7 @@ def _exact_order(normed, emb, ids, valid, k):
 class _Unembedding:
     weight: Tensor  # [d_model, vocab] fp32
     bias: Tensor  # [vocab] fp32
+    has_bias: bool  # whether any bias entry is non-zero
     col_norm: Tensor  # ‖W_j‖, rounded up
     gamma: float  # γ_d for fp32 dot products of length d_model
     softcap: float = -1.0
@@ -178,6 +179,16 @@ class _Unembedding:
     @property
     def vocab(self) -> int:
         return int(self.weight.shape[1])
+
+    def logits(self, normed: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows vocab"]:
+        """fp32 GEMM logits ``normed @ W + b``; the bias is added in place (no second
+        ``[rows, vocab]`` array), and not at all where it is zero (a pass over the logits
+        saved: ~10% of an fp32 read-out on SmolLM2)."""
+        with _ieee_matmul():
+            out = normed @ self.weight
+        if self.has_bias:
+            out += self.bias
+        return out
 
     @classmethod
     def of(cls, model, precision: str) -> _Unembedding:
@@ -200,7 +211,7 @@ class _Unembedding:
         d = weight.shape[0]
         gamma = d * _FP32_UNIT / (1 - d * _FP32_UNIT)
         norm = weight.double().norm(dim=0)
-        out = cls(weight, bias, (norm * _SAFETY).float(), gamma, softcap)
+        out = cls(weight, bias, bool(bias.any()), (norm * _SAFETY).float(), gamma, softcap)
         if precision == "bf16":
             w16 = weight.to(torch.bfloat16)
             out.weight16 = w16
@@ -493,8 +504,7 @@ def _finish(emb, cand_logits, cand_err, lse, lse_bound, ids, thresholds, counts,
 
 def _layer_fp32(emb: _Unembedding, normed: Tensor, k: int, final_ids: Tensor | None) -> _Layer:
     rows, vocab = normed.shape[0], emb.vocab
-    with _ieee_matmul():
-        logits = normed @ emb.weight + emb.bias
+    logits = emb.logits(normed)
     row_scale = (emb.gamma * _row_norm(normed)).unsqueeze(-1)
     thresholds = (
         logits.gather(-1, final_ids)
