@@ -99,6 +99,11 @@ def test_saturation_only_scan_writes_the_same_table_without_trajectories(tiny_mo
     np.testing.assert_array_equal(loaded.saturation_array("again"), full.saturation_array())
     assert loaded.ordering().mean_tau == full.ordering().mean_tau
     assert 0 < loaded.info["layer_rows_read_fraction"] <= 1
+    # a probe dataset needs only s: the same from either scan
+    ours = bt.task_dataset(tiny_model, loaded, layers=range(3), progress=False)
+    theirs = bt.task_dataset(tiny_model, full, layers=range(3), progress=False)
+    for key in ("X", "y", "groups", "positions"):
+        np.testing.assert_array_equal(getattr(ours, key), getattr(theirs, key))
     with pytest.raises(ValueError, match="keep='saturation'"):
         bt.early_exit.ExitSignals.from_scan(loaded)
     with pytest.raises(ValueError, match="a probe needs keep='all'"):

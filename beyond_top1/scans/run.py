@@ -175,7 +175,6 @@ def _assemble(parts: list[dict], settings: dict, texts: list[str]) -> ScanResult
         return _assemble_saturation(parts, settings, texts)
     n_layers, k = settings["n_layers"], settings["k"]
     cat = _concatenate(parts)
-
     lens_shape = (0, n_layers, k)
     dtypes = {"top_ids": np.int32, "final_ranks": np.int32, "top_logprobs": np.float32}
     first = {key: cat(key, lens_shape, dtypes[key]) for key in LENS_FIELDS}
