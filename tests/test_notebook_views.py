@@ -171,6 +171,9 @@ def test_the_bundle_rides_with_the_first_inline_view_only(traj):
     viz.bundle_mode("every")
     assert viz.topk_tokens(traj)._repr_html_().count("var CircuitsVis=") == 1
     assert viz.topk_tokens(traj)._repr_html_().count("var CircuitsVis=") == 1
+    viz.bundle_mode()  # keeps "every": the next views still carry it
+    assert viz.topk_tokens(traj)._repr_html_().count("var CircuitsVis=") == 1
+    assert viz.topk_tokens(traj)._repr_html_().count("var CircuitsVis=") == 1
     with pytest.raises(ValueError, match="mode must be one of"):
         viz.bundle_mode("sometimes")
     assert "var CircuitsVis=" not in viz.heatmap(traj)._repr_html_()  # needs no CircuitsVis

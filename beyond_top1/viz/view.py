@@ -180,18 +180,19 @@ BUNDLE_MODES = ("once", "every")
 _SESSION = {"mode": "every" if "google.colab" in sys.modules else "once", "bundle_shown": False}
 
 
-def bundle_mode(mode: str = "once") -> None:
+def bundle_mode(mode: str | None = None) -> None:
     """How inline views carry the ~1.3 MB CircuitsVis bundle in this Python session.
 
     ``"once"`` (the default; ``"every"`` in Google Colab, whose outputs do not share a page):
     the first view displayed carries it and later views use the global it defines, so a
     notebook holds it once. ``"every"``: each view carries its own copy (heavier, but every
-    output stands alone). Saved files (``view.save``) always carry it. Calling this also makes
-    the next view carry the bundle again (e.g. after clearing the output that had it).
+    output stands alone). Saved files (``view.save``) always carry it. Any call (``mode=None``
+    keeps the mode) makes the next view carry the bundle again, e.g. after clearing the output
+    that had it.
     """
-    if mode not in BUNDLE_MODES:
+    if mode is not None and mode not in BUNDLE_MODES:
         raise ValueError(f"mode must be one of {BUNDLE_MODES}, got {mode!r}")
-    _SESSION["mode"] = mode
+    _SESSION["mode"] = mode or _SESSION["mode"]
     _SESSION["bundle_shown"] = False
 
 
