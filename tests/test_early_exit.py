@@ -537,7 +537,8 @@ def test_bf16_margins_stay_within_the_tolerance_of_fp32(smollm2, monkeypatch):
     assert np.array_equal(bf16.top1["logit"], fp32.top1["logit"])
     gap = np.abs(bf16.margin["logit"].astype(np.float64) - fp32.margin["logit"])
     assert gap.max() <= MARGIN_TOLERANCE + 1e-6
-    assert bf16.settings["positions_reread_in_fp32"] > 0
+    reread = bf16.settings["rows_reread_in_fp32"]
+    assert 0 < reread < fp32.margin["logit"].size  # (position, layer) rows, not whole positions
 
 
 def test_a_scan_of_named_lenses_keeps_their_names_and_kinds(tiny_model, tiny_signals):

@@ -36,7 +36,13 @@ from beyond_top1.data import (
 from beyond_top1.fileio import OutputFolder
 from beyond_top1.lenses import Lens, resolve_lens
 from beyond_top1.probes import apply_probe, probe_identity
-from beyond_top1.ranking import DEFAULT_CANDIDATES, PRECISIONS, lens_saturation, lens_topk
+from beyond_top1.ranking import (
+    DEFAULT_CANDIDATES,
+    PRECISIONS,
+    lens_saturation,
+    lens_topk,
+    reread_loose_logprobs,
+)
 from beyond_top1.saturation import saturation_layers
 from beyond_top1.scans.result import (
     LENS_FIELDS,
@@ -59,24 +65,14 @@ KEEPS = ("all", "saturation")
 
 
 def _read_lens(lens: Lens, resid, k: int, precision: str, n_candidates: int):
-    """One lens' read-out of ``resid [T, L, d]``; with bf16 proposals, the positions whose
-    ``p_1 - p_2`` bound exceeds :data:`MARGIN_TOLERANCE` are read again in fp32 (the bf16
-    log-normaliser is bounded only to ~0.02 nats). Returns the arrays and that count."""
+    """One lens' read-out of ``resid [T, L, d]``; with bf16 proposals, the (position, layer)
+    rows whose ``p_1 - p_2`` bound exceeds :data:`MARGIN_TOLERANCE` are read again in fp32 (the
+    bf16 log-normaliser is bounded only to ~0.02 nats). Returns the arrays and that count."""
     L = lens.n_layers
     readout = lens_topk(
         lens, resid, tuple(range(L)), k, precision=precision, n_candidates=n_candidates
     )
-    logprobs = readout.top_logprobs
-    reread = 0
-    if readout.precision == "bf16" and k >= 2:
-        probs = logprobs[..., :2].double().exp()
-        bound = probs.sum(-1) * torch.expm1(readout.logprob_error.double())
-        loose = (bound > MARGIN_TOLERANCE).any(-1).nonzero().squeeze(-1)
-        if len(loose):
-            again = lens_topk(lens, resid[loose], tuple(range(L)), k, precision="fp32")
-            logprobs = logprobs.clone()
-            logprobs[loose] = again.top_logprobs
-            reread = len(loose)
+    logprobs, reread = reread_loose_logprobs(lens, resid, readout, MARGIN_TOLERANCE)
     arrays = {
         "top_ids": readout.top_ids.cpu().numpy().astype(np.int32),
         "final_ranks": readout.final_ranks.clamp_max(2**31 - 1).cpu().numpy().astype(np.int32),
@@ -194,7 +190,7 @@ def _assemble(parts: list[dict], settings: dict, texts: list[str]) -> ScanResult
         probe_task=cat("probe_task", (0, n_layers), np.int16) if has_probe else None,
         probe_settled=cat("probe_settled", (0, n_layers), np.float32) if settled else None,
         texts=texts,
-        info={"positions_reread_in_fp32": int(sum(int(p["reread"][0]) for p in parts))},
+        info={"rows_reread_in_fp32": int(sum(int(p["reread"][0]) for p in parts))},
         **first,
     )
 
