@@ -8,7 +8,7 @@ position 0, the BOS or attention-sink token, are dropped before anything is yiel
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,7 @@ def stream_residuals(
     skip_batches: int = 0,
     progress: bool = True,
     score_first: bool = DEFAULT_SCORE_FIRST,
+    select: Callable[[int], bool] | None = None,
 ) -> Iterator[ResidualBatch]:
     """Run ``model`` over ``texts`` in batches and yield residual streams of scored positions.
 
@@ -75,6 +76,9 @@ def stream_residuals(
             ``max_len`` (default 128 tokens, or the model's context if shorter).
         layers: layer indices to cache (``None``: all ``resid_post`` layers; ``-1``: embedding).
         skip_batches: batches to skip without running the model (for resuming a run).
+        select: run only the batches whose index it accepts (the others are skipped without
+            running the model): a rank's share under ``torchrun``
+            (:meth:`beyond_top1.distributed.Ranks.owns`), or the unfinished shards of a run.
         progress: show a tqdm progress bar (counted in texts).
         score_first: score position 0 of a model without BOS (default: not; it is the
             attention sink, see :mod:`beyond_top1.data`).
@@ -85,15 +89,23 @@ def stream_residuals(
     layers = resolve_layers(model, layers)
     device = hooked.model_device(model)
     total = len(texts) if hasattr(texts, "__len__") else None
+    if total is not None and select is not None:
+        total = sum(
+            min(batch_size, total - start)
+            for index, start in enumerate(range(0, total, batch_size))
+            if index >= skip_batches and select(index)
+        )
     bar = tqdm(total=total, unit="text", desc="forward", disable=not progress, leave=False)
     try:
         batches = iter_token_batches(
             model, texts, batch_size=batch_size, max_len=max_len, score_first=score_first
         )
         for index, batch in enumerate(batches):
-            bar.update(len(batch.text_ids))
-            if index < skip_batches:
+            if index < skip_batches or (select is not None and not select(index)):
+                if select is None:
+                    bar.update(len(batch.text_ids))
                 continue
+            bar.update(len(batch.text_ids))
             tokens = batch.tokens.to(device)
             resid = hooked.run_with_residuals(model, tokens, layers)
             scored = batch.scored.to(device)

@@ -256,30 +256,27 @@ class ShardStore:
         self.shards.mkdir(exist_ok=True)
         folder.write_json(SETTINGS_FILE, settings)
 
-    def completed_prefix(self) -> list[dict]:
-        """The batches of shards ``0, 1, ...`` up to the first missing or torn one (in order).
+    @classmethod
+    def writer(cls, directory: Path) -> ShardStore:
+        """Shard files only, for ranks other than 0 under ``torchrun``: rank 0 holds the
+        folder's lock, checked it and claimed ``shards/`` for the whole run."""
+        store = cls.__new__(cls)
+        store.folder, store.directory = None, Path(directory)
+        store.shards, store.complete = store.directory / SHARDS_DIR, False
+        return store
 
-        Shards are written in order and each only once all its batches are done, so an
-        interrupted run leaves a prefix; anything after a gap is deleted and redone.
-        """
-        parts: list[dict] = []
-        index = 0
-        while True:
-            path = self.shards / f"shard-{index:05d}.safetensors"
-            try:
-                arrays = safetensors.numpy.load_file(str(path))
-                n_parts = int(arrays.pop("n_parts")[0])
-            except Exception:  # noqa: BLE001 - missing or torn: redo from here
-                break
-            parts.extend(
-                {key.split("/", 1)[1]: v for key, v in arrays.items() if key.startswith(f"{p}/")}
-                for p in range(n_parts)
-            )
-            index += 1
-        for path in self.shards.glob("shard-*.safetensors"):
-            if int(path.stem.split("-")[1]) >= index:
-                path.unlink(missing_ok=True)
-        return parts
+    def load(self, index: int) -> list[dict] | None:
+        """The batches of shard ``index``, or ``None`` when it is missing or torn (redo it)."""
+        path = self.shards / f"shard-{index:05d}.safetensors"
+        try:
+            arrays = safetensors.numpy.load_file(str(path))
+            n_parts = int(arrays.pop("n_parts")[0])
+        except Exception:  # noqa: BLE001 - missing or torn: redo it
+            return None
+        return [
+            {key.split("/", 1)[1]: v for key, v in arrays.items() if key.startswith(f"{p}/")}
+            for p in range(n_parts)
+        ]
 
     def write(self, index: int, parts: list[dict]) -> None:
         arrays = {

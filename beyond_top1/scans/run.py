@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from beyond_top1 import hooked
+from beyond_top1 import distributed, hooked
 from beyond_top1.activations import stream_residuals
 from beyond_top1.data import (
     DEFAULT_SCORE_FIRST,
@@ -47,6 +47,7 @@ from beyond_top1.saturation import saturation_layers
 from beyond_top1.scans.result import (
     LENS_FIELDS,
     SCAN_KIND,
+    ScanFileError,
     ScanResult,
     ShardStore,
     legacy_scan_files,
@@ -305,23 +306,111 @@ def scan(
         settings["probe"] = probe_identity(probe)
     if keep != "all":  # recorded only when used, so full scans' settings stay as they were
         settings["keep"] = keep
-    run = functools.partial(_run_scan, model, texts, lenses, settings, n_candidates, probe)
+    run = functools.partial(_run_shards, model, texts, lenses, settings, n_candidates, probe)
+    where = distributed.ranks()
+    if where.active:
+        return _scan_ranks(run, texts, None if out is None else Path(out), settings, resume, where)
     if out is None:
-        return run(store=None, progress=progress)[0]
+        shards, _ = run(store=None, progress=progress, where=where)
+        return _assemble(_in_order(shards), dict(settings), texts)
     with OutputFolder(out, SCAN_KIND, adopt=legacy_scan_files(Path(out))) as folder:
         store = ShardStore(folder, settings, resume)
         if store.complete:
             return load_scan(folder.path)
-        result, timing = run(store=store, progress=progress)
+        shards, timing = run(store=store, progress=progress, where=where)
+        result = _assemble(_in_order(shards), dict(settings), texts)
         save_scan(result, folder)
         store.finish(timing)
     return result
 
 
-def _run_scan(model, texts, lenses, settings, n_candidates, probe, *, store, progress):
-    """The loop: every batch read once, shards written (and skipped) through ``store``."""
+def _scan_ranks(run, texts, out: Path | None, settings, resume, where) -> ScanResult:
+    """The scan under ``torchrun``. Every rank runs the shards of its batches. Without ``out``
+    they are gathered and every rank returns the whole result. With ``out``, rank 0 checks and
+    locks the folder, every rank writes its shards there, rank 0 merges them into the same
+    files as a one-process run, and every rank returns the merged result. A failure on any rank
+    stops all of them with its message (:func:`beyond_top1.distributed.check`)."""
+    progress = where.is_main
+    if out is None:
+        shards, _ = distributed.run_checked(lambda: run(store=None, progress=progress, where=where))
+        gathered = {
+            i: p for ranked in distributed.all_gather(shards, where) for i, p in ranked.items()
+        }
+        return _assemble(_in_order(gathered), dict(settings), texts)
+    folder = OutputFolder(out, SCAN_KIND, adopt=legacy_scan_files(out)) if where.is_main else None
+
+    def open_folder() -> bool:
+        if folder is None:
+            return False
+        folder.__enter__()
+        try:
+            return ShardStore(folder, settings, resume).complete
+        except BaseException:
+            folder.__exit__(None, None, None)
+            raise
+
+    complete = distributed.broadcast(distributed.run_checked(open_folder, where), where)
+    try:
+        if not complete:
+            store = ShardStore.writer(out)
+            _, timing = distributed.run_checked(
+                lambda: run(store=store, progress=progress, where=where, keep_parts=False), where
+            )
+            timings = distributed.all_gather(timing, where)
+
+            def merge() -> None:
+                if where.is_main:
+                    shards = {index: store.load(index) for index in _shard_indices(settings)}
+                    result = _assemble(_in_order(shards), dict(settings), texts)
+                    save_scan(result, folder)
+                    ShardStore(folder, settings, resume=True).finish(_merged_timing(timings))
+
+            distributed.run_checked(merge, where)
+    finally:
+        if folder is not None and folder._lock is not None:
+            folder.__exit__(None, None, None)
+    return load_scan(out)
+
+
+def _in_order(shards: dict[int, list[dict]]) -> list[dict]:
+    missing = [i for i, parts in shards.items() if parts is None]
+    if missing:
+        raise ScanFileError(f"scan shards {missing[:5]} are missing or torn; rerun with resume")
+    return [part for index in sorted(shards) for part in shards[index]]
+
+
+def _merged_timing(timings: list[dict]) -> dict:
+    seconds = max(t["seconds"] for t in timings)
+    tokens = sum(t["tokens_scanned_now"] for t in timings)
+    return {
+        "seconds": seconds,
+        "tokens_scanned_now": tokens,
+        "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
+        "ranks": len(timings),
+    }
+
+
+def _shard_indices(settings: dict) -> range:
+    n_batches = -(-settings["n_texts"] // settings["batch_size"])
+    return range(-(-n_batches // settings["shard_batches"]))
+
+
+def _run_shards(
+    model, texts, lenses, settings, n_candidates, probe, *, store, progress, where,
+    keep_parts=True,
+):  # fmt: skip
+    """The loop: this rank's shards of batches, each batch read once; finished shards in
+    ``store`` are loaded (or, without ``keep_parts``, just skipped), new ones written there.
+    Returns ``{shard index: its batches' parts}`` and the timing."""
     L, k, shard_batches = settings["n_layers"], settings["k"], settings["shard_batches"]
-    parts = store.completed_prefix() if store else []  # finished shards are never recomputed
+    n_batches = -(-settings["n_texts"] // settings["batch_size"])
+    mine = [i for i in _shard_indices(settings) if i % where.world_size == where.rank]
+    shards: dict[int, list[dict] | None] = {}
+    for index in mine if store else ():  # finished shards are never recomputed
+        parts = store.load(index)
+        if parts is not None:
+            shards[index] = parts if keep_parts else None
+    todo = set(mine) - set(shards)
     start = time.perf_counter()
     n_tokens = 0
     pending: list[dict] = []
@@ -332,7 +421,7 @@ def _run_scan(model, texts, lenses, settings, n_candidates, probe, *, store, pro
         layers=tuple(range(L)) if saturation_only else (-1, *range(L)),
         batch_size=settings["batch_size"],
         max_len=settings["max_len"],
-        skip_batches=len(parts),
+        select=lambda b: b // shard_batches in todo,
         progress=progress,
         score_first=settings["score_first"],
     )
@@ -343,20 +432,16 @@ def _run_scan(model, texts, lenses, settings, n_candidates, probe, *, store, pro
             part = _scan_batch(batch, lenses, k, settings["precision"], n_candidates, probe)
         pending.append(part)
         n_tokens += len(batch)
-        if len(pending) == shard_batches:
+        shard = batch.batch_index // shard_batches
+        if batch.batch_index == min((shard + 1) * shard_batches, n_batches) - 1:
             if store:
-                store.write((batch.batch_index + 1) // shard_batches - 1, pending)
-            parts.extend(pending)
+                store.write(shard, pending)
+            shards[shard] = pending if keep_parts else None
             pending = []
-    if pending:
-        if store:
-            store.write(len(parts) // shard_batches, pending)
-        parts.extend(pending)
-    result = _assemble(parts, dict(settings), texts)
     seconds = time.perf_counter() - start
     timing = {"seconds": round(seconds, 2), "tokens_scanned_now": n_tokens}
     timing["tokens_per_second"] = round(n_tokens / seconds, 2) if seconds > 0 else None
-    return result, timing
+    return shards, timing
 
 
 __all__ = ["KEEPS", "MARGIN_TOLERANCE", "scan"]
