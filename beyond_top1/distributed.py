@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -61,7 +61,8 @@ class Ranks:
         return list(range(self.rank, n, self.world_size))
 
 
-def _launched() -> bool:
+def launched() -> bool:
+    """Whether ``torchrun`` started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
@@ -70,7 +71,7 @@ def ranks() -> Ranks:
     if not dist.is_available():
         return Ranks()
     if not dist.is_initialized():
-        if not _launched():
+        if not launched():
             return Ranks()
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
@@ -148,17 +149,6 @@ def barrier(where: Ranks | None = None) -> None:
         dist.barrier()
 
 
-def interleave(parts_by_rank: Iterable[list[T]], world_size: int) -> list[T]:
-    """Round-robin lists (rank ``r`` holds items ``r, r + N, ...``) back in index order."""
-    lists = [list(p) for p in parts_by_rank]
-    if len(lists) != world_size:
-        raise ValueError(f"expected {world_size} lists, got {len(lists)}")
-    out: list[T] = []
-    for i in range(max((len(p) for p in lists), default=0)):
-        out.extend(p[i] for p in lists if i < len(p))
-    return out
-
-
 __all__ = [
     "RankFailedError",
     "Ranks",
@@ -168,7 +158,7 @@ __all__ = [
     "barrier",
     "broadcast",
     "check",
-    "interleave",
+    "launched",
     "run_checked",
     "ranks",
 ]

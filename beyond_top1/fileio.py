@@ -228,6 +228,7 @@ class OutputFolder:
         self.kind = kind
         self.adopt = set(adopt)
         self._lock = None
+        self.recorded: set[str] = set()
         self.files: set[str] = set()
         self._load_record()  # checked now (before any work) and again under the lock
 
@@ -248,7 +249,8 @@ class OutputFolder:
                 f"{self.path} holds a beyond-top1 {record.get('kind')!r} output, not a "
                 f"{self.kind!r} one; choose another folder"
             )
-        self.files = set((record or {}).get("files", [])) | self.adopt
+        self.recorded = set((record or {}).get("files", []))
+        self.files = self.recorded | self.adopt
 
     def __exit__(self, *exc) -> None:
         self._lock.__exit__(*exc)
@@ -278,9 +280,11 @@ class OutputFolder:
                 f"refusing to replace {target}: beyond-top1 did not write it. Move it away or "
                 "choose another output folder"
             )
-        if name not in self.files:
+        if name not in self.recorded:  # adopted files are recorded once written, too
+            self.recorded.add(name)
             self.files.add(name)
-            atomic_write_json(self.path / MANIFEST_FILE, {"kind": self.kind, "files": self.files})
+            record = {"kind": self.kind, "files": sorted(self.recorded)}
+            atomic_write_json(self.path / MANIFEST_FILE, record)
         return target
 
     def write(self, name: str, write: Callable[[Path], None]) -> Path:

@@ -323,8 +323,8 @@ def _kernel(name: str, n_elements: int | None = None):
     Compiling takes ~10-30 s once per process (less with a warm inductor cache), so one prompt
     in a notebook never pays it; a corpus scan does, once, and then reads each logit matrix once
     instead of ``k + 4`` times, whatever its size (a saturation scan's lower layers read few
-    rows: eagerly they cost ~2x the compiled pass per element). Results agree within the error bounds, which is all the exact
-    rule uses them for.
+    rows: eagerly they cost ~2x the compiled pass per element). Results agree within the error
+    bounds, which is all the exact rule uses them for.
     """
     eager = {"fp32": _pass_fp32, "bf16": _pass_bf16}[name]
     if name in _KERNELS:  # once compiled, small inputs use it too (a saturation scan's layers)

@@ -7,8 +7,11 @@ import argparse
 import os
 import sys
 
+from beyond_top1 import distributed
 from beyond_top1.cli import early_exit, lenses, probes, reproduce, scan
 from beyond_top1.tasks.common import AnalysisUnavailable
+
+DATA_PARALLEL_COMMANDS = ("scan", "fit-lens")  # the commands that shard texts under torchrun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if distributed.launched() and args.command not in DATA_PARALLEL_COMMANDS:
+            raise ValueError(
+                f"{args.command} does not run under torchrun yet (data-parallel: "
+                f"{', '.join(DATA_PARALLEL_COMMANDS)}); run it in one process"
+            )
         return args.run(args)
     except KeyboardInterrupt:
         hint = getattr(args, "on_interrupt", None)

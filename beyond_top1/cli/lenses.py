@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from beyond_top1 import distributed
 from beyond_top1.cli.args import (
     add_model_args,
     add_score_first_arg,
@@ -94,6 +95,8 @@ def _cmd_fit_lens(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     lens = lens_fit.run(model, config, args.out)
     seconds = time.perf_counter() - start
+    if not distributed.ranks().is_main:
+        return 0
     print(f"fitted a {args.kind} lens ({lens_fit.headline(lens)}) in {seconds:.0f} s -> {args.out}")
     return 0
 

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from beyond_top1 import distributed
 from beyond_top1.cli.args import (
     add_model_args,
     add_score_first_arg,
     add_text_args,
     load_model_from_args,
+    positive_int,
     read_lens_arg,
     text_spec_from_args,
 )
@@ -26,13 +28,21 @@ from beyond_top1.tasks import scan as scan_task
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    out = check_output_dir(args.out)  # before loading anything
-    if (out / SETTINGS_FILE).is_file() and not args.resume:
-        raise ScanFileError(
-            f"{out} already holds a scan; add --resume to continue or reuse it, or choose a "
-            "new --out"
-        )
-    finished = (out / SUMMARY_FILE).is_file()
+    where = distributed.ranks()  # under torchrun: rank 0 checks, every rank learns the answer
+
+    def check_out():
+        out = check_output_dir(args.out)  # before loading anything
+        if (out / SETTINGS_FILE).is_file() and not args.resume:
+            raise ScanFileError(
+                f"{out} already holds a scan; add --resume to continue or reuse it, or choose "
+                "a new --out"
+            )
+        return (out / SUMMARY_FILE).is_file()
+
+    finished = distributed.broadcast(
+        distributed.run_checked(lambda: check_out() if where.is_main else None, where), where
+    )
+    out = Path(args.out)
     command = " ".join(shlex.quote(a) for a in ["beyond-top1", *sys.argv[1:]])
     resume = command if args.resume else f"{command} --resume"
     args.on_interrupt = f"Finished shards are kept in {out / 'shards'}; continue with: {resume}"
@@ -45,10 +55,13 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         score_first=args.score_first_token,
         keep=args.keep,
+        shard_batches=args.shard_batches,
     )
     model = load_model_from_args(args)
     lens = read_lens_arg(model, args.lens)
     result = scan_task.run(model, config, out, lens=lens, resume=args.resume)
+    if not where.is_main:
+        return 0
     if finished:
         print(f"{out} holds this scan, complete: {len(result)} positions")
     else:
@@ -110,6 +123,13 @@ def add_parsers(commands) -> None:
         default="all",
         help="'saturation': only the final top-k and s_1..s_k (the same values), read from the "
         "last layer down, several times faster; no per-layer files (default: %(default)s)",
+    )
+    scan.add_argument(
+        "--shard-batches",
+        type=positive_int,
+        default=4,
+        help="batches per shard file: the unit kept by an interrupted run, and the unit of "
+        "work each rank takes under torchrun (default: %(default)s)",
     )
     scan.add_argument("--out", required=True, help="output folder")
     scan.add_argument("--resume", action="store_true", help="continue an interrupted run")

@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from beyond_top1 import distributed
+
 DEFAULT_RIDGE = 1e-4
 
 
@@ -53,6 +55,18 @@ class LeastSquaresAccumulator:
         self.gram += xt @ xt.transpose(1, 2)
         self.cross += xt @ (y if y.ndim == 2 else y.transpose(0, 1))
         self.n_tokens += x.shape[0]
+
+    def all_reduce(self, where=None) -> LeastSquaresAccumulator:
+        """Sum the normal equations and row counts over ``torchrun`` ranks (float64), so every
+        rank then solves the same system as one process over all the rows would (up to the
+        order of float64 additions). A no-op in a single process."""
+        where = where or distributed.ranks()
+        if where.active:
+            distributed.all_reduce_sum(self.gram, where)
+            distributed.all_reduce_sum(self.cross, where)
+            count = torch.tensor([float(self.n_tokens)], dtype=torch.float64)
+            self.n_tokens = int(distributed.all_reduce_sum(count.to(self.gram.device), where))
+        return self
 
     def solve(
         self, ridge: float = DEFAULT_RIDGE

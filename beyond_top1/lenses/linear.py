@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from beyond_top1 import hooked
+from beyond_top1 import distributed, hooked
 from beyond_top1.activations import resolve_layers, stream_residuals
 from beyond_top1.data import DEFAULT_MAX_LEN, DEFAULT_SCORE_FIRST
 from beyond_top1.lenses.base import Lens
@@ -64,20 +64,28 @@ def fit_linear_maps(
     accumulator = LeastSquaresAccumulator(
         d, d, bias=bias, n_maps=len(sources), device=hooked.model_device(model)
     )
-    n_texts = 0
+    where = distributed.ranks()  # under torchrun: this rank's batches, then an all-reduce
     batches = stream_residuals(
         model,
         texts,
         layers=layers,
         batch_size=batch_size,
         max_len=max_len,
-        progress=progress,
+        progress=progress and where.is_main,
         score_first=score_first,
+        select=where.owns if where.active else None,
     )
-    for batch in batches:
-        if len(batch):
-            accumulator.update(batch.resid[:, :-1], batch.resid[:, -1])
-            n_texts = max(n_texts, int(batch.text_ids.max()) + 1)
+
+    def accumulate() -> int:
+        n_texts = 0
+        for batch in batches:
+            if len(batch):
+                accumulator.update(batch.resid[:, :-1], batch.resid[:, -1])
+                n_texts = max(n_texts, int(batch.text_ids.max()) + 1)
+        return n_texts
+
+    n_texts = max(distributed.all_gather(distributed.run_checked(accumulate, where), where))
+    accumulator.all_reduce(where)
     if accumulator.n_tokens == 0:
         raise ValueError("the texts have no scored tokens to fit on")
     weight, offset = accumulator.solve(ridge)

@@ -309,7 +309,8 @@ def scan(
     run = functools.partial(_run_shards, model, texts, lenses, settings, n_candidates, probe)
     where = distributed.ranks()
     if where.active:
-        return _scan_ranks(run, texts, None if out is None else Path(out), settings, resume, where)
+        out = None if out is None else Path(out)
+        return _scan_ranks(run, texts, out, settings, resume, progress and where.is_main, where)
     if out is None:
         shards, _ = run(store=None, progress=progress, where=where)
         return _assemble(_in_order(shards), dict(settings), texts)
@@ -324,13 +325,12 @@ def scan(
     return result
 
 
-def _scan_ranks(run, texts, out: Path | None, settings, resume, where) -> ScanResult:
+def _scan_ranks(run, texts, out: Path | None, settings, resume, progress, where) -> ScanResult:
     """The scan under ``torchrun``. Every rank runs the shards of its batches. Without ``out``
     they are gathered and every rank returns the whole result. With ``out``, rank 0 checks and
     locks the folder, every rank writes its shards there, rank 0 merges them into the same
     files as a one-process run, and every rank returns the merged result. A failure on any rank
     stops all of them with its message (:func:`beyond_top1.distributed.check`)."""
-    progress = where.is_main
     if out is None:
         shards, _ = distributed.run_checked(lambda: run(store=None, progress=progress, where=where))
         gathered = {

@@ -6,6 +6,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from beyond_top1 import distributed
 from beyond_top1.data import resolve_max_len
 from beyond_top1.lenses import (
     Lens,
@@ -48,6 +49,12 @@ def run(model, config: LensFitConfig, out: str | Path, *, progress: bool = True)
     """Fit the lens and save it to ``out`` (checked before the fit: a folder holding files the
     toolkit did not write is refused)."""
     check_lens_destination(out)
+    where = distributed.ranks()
+    if where.active and config.kind != "linear":
+        raise ValueError(
+            f"fit-lens --kind {config.kind} does not run under torchrun yet (only --kind "
+            "linear is data-parallel); run it in one process"
+        )
     texts = config.texts.load()
     if config.kind == "linear":
         lens = LinearShortcutLens.fit(
@@ -77,7 +84,7 @@ def run(model, config: LensFitConfig, out: str | Path, *, progress: bool = True)
             progress=progress,
             **overrides,
         )
-    lens.save(out)
+    distributed.run_checked(lambda: lens.save(out) if where.is_main else None, where)
     return lens
 
 

@@ -22,6 +22,7 @@ class ScanConfig:
     batch_size: int = 8
     score_first: bool = False
     keep: str = "all"  # "saturation": s and the final top-k only (see bt.scan)
+    shard_batches: int = 4  # batches per resumable shard file (and per rank's unit of work)
 
 
 def run(
@@ -53,6 +54,7 @@ def run(
         progress=progress,
         score_first=config.score_first,
         keep=config.keep,
+        shard_batches=config.shard_batches,
     )
 
 

@@ -1,0 +1,226 @@
+"""Data parallelism under torchrun: 2 gloo processes on this CPU, real texts, SmolLM2.
+
+The references are one-process runs of the same command: scan folders must be byte-identical
+(their timing aside), a linear lens equal within float64 round-off. A rank that raises stops
+every rank with its message; a rank killed mid-scan stops the run, which then resumes to the
+same files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV.pop("WORLD_SIZE", None)
+ENV.pop("RANK", None)
+SCAN = ["scan", "--batch-size", "1", "--max-len", "20", "--permutations", "0"]
+SCAN += ["--shard-batches", "1"]  # 10 shards: each rank writes several, interleaved
+
+
+@pytest.fixture(scope="module")
+def texts_file(tmp_path_factory):
+    from beyond_top1.data import wiki_texts
+
+    path = tmp_path_factory.mktemp("texts") / "texts.txt"
+    texts = [" ".join(t.split())[:200] for t in wiki_texts(10, split="val")]
+    path.write_text("\n".join(texts), encoding="utf-8")
+    return path
+
+
+def beyond_top1(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "beyond_top1", *args]
+    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def torchrun(*args: str, cwd: Path, popen: bool = False):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "beyond_top1", *args]
+    if popen:
+        return subprocess.Popen(
+            command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def same_scan_files(one: Path, two: Path) -> None:
+    names = sorted(p.name for p in one.iterdir() if p.name != "timing.json")
+    assert names == sorted(p.name for p in two.iterdir() if p.name != "timing.json")
+    assert "trajectories.safetensors" in names and "saturation.parquet" in names
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def one_process_scan(texts_file):
+    run = beyond_top1(*SCAN, "--texts-file", str(texts_file), "--out", "one", cwd=texts_file.parent)
+    assert run.returncode == 0, run.stderr
+    return texts_file.parent / "one"
+
+
+def test_a_scan_on_two_ranks_writes_the_files_of_one_process(texts_file, one_process_scan):
+    cwd = texts_file.parent
+    run = torchrun(*SCAN, "--texts-file", str(texts_file), "--out", "two", cwd=cwd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    same_scan_files(one_process_scan, cwd / "two")
+    assert run.stdout.count("scanned ") == 1  # rank 0 reports, once
+    assert '"ranks": 2' in (cwd / "two" / "timing.json").read_text()
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with ``RANK=rank`` among ``parent``'s descendants."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID=" in b" ".join(environ):
+            if int(stat[1]) != os.getpid() and entry.name != str(parent):
+                return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+def test_a_rank_killed_mid_scan_stops_the_run_which_resumes_to_the_same_files(
+    texts_file, one_process_scan
+):
+    cwd = texts_file.parent
+    args = [*SCAN, "--texts-file", str(texts_file), "--out", "killed"]
+    launcher = torchrun(*args, cwd=cwd, popen=True)
+    rank1_shard = cwd / "killed" / "shards" / "shard-00001.safetensors"
+    deadline = time.monotonic() + 300
+    killed = None
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if rank1_shard.exists():
+            killed = _rank_pid(launcher.pid, 1)
+            if killed is not None:
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    output, _ = launcher.communicate(timeout=300)
+    assert killed is not None, output[-2000:]
+    assert launcher.returncode != 0
+    assert "rank      : 1" in output and "SIGKILL" in output, output[-3000:]
+    assert not (cwd / "killed" / "saturation.parquet").exists()
+    time.sleep(1)
+    assert _rank_pid(launcher.pid, 0) is None  # no rank is left behind
+    resumed = torchrun(*args, "--resume", cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    same_scan_files(one_process_scan, cwd / "killed")
+
+
+def test_a_linear_lens_fitted_on_two_ranks_equals_the_one_process_fit(texts_file):
+    from beyond_top1 import load_model
+    from beyond_top1.lenses import load_lens
+
+    cwd = texts_file.parent
+    fit = ["fit-lens", "--kind", "linear", "--texts-file", str(texts_file), "--batch-size", "2"]
+    fit += ["--max-len", "20"]
+    one = beyond_top1(*fit, "--out", "lens-one", cwd=cwd)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*fit, "--out", "lens-two", cwd=cwd)
+    assert two.returncode == 0, two.stderr[-3000:]
+    model = load_model()
+    a, b = load_lens(cwd / "lens-one", model), load_lens(cwd / "lens-two", model)
+    settings = [{k: v for k, v in x.fit_settings.items() if k != "seconds"} for x in (a, b)]
+    assert settings[0] == settings[1]  # the same texts and token counts
+    assert a.fit_settings["n_tokens"] > 100
+    for name, x in a.state_dict().items():
+        y = b.state_dict()[name]
+        scale = x.double().abs().max().clamp_min(1e-30)
+        assert float((x.double() - y.double()).abs().max() / scale) <= 1e-6, name
+
+
+def test_the_normal_equations_all_reduce_to_the_one_process_sums(tmp_path):
+    """float64 XᵀX summed over 2 gloo ranks equals the one-process sum within round-off."""
+    script = tmp_path / "normal_equations.py"
+    script.write_text(
+        "import torch, sys\n"
+        "from beyond_top1 import distributed\n"
+        "from beyond_top1.lenses.least_squares import LeastSquaresAccumulator\n"
+        "where = distributed.ranks()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "X, Y = torch.randn(101, 7, generator=g), torch.randn(101, 3, generator=g)\n"
+        "acc = LeastSquaresAccumulator(7, 3, bias=True)\n"
+        "for b in range(0, 101, 10):\n"
+        "    if where.owns(b // 10):\n"
+        "        acc.update(X[b:b + 10], Y[b:b + 10])\n"
+        "acc.all_reduce(where)\n"
+        "if where.is_main:\n"
+        "    torch.save((acc.n_tokens, *acc.solve(0.0)), sys.argv[1])\n"
+    )
+    out = tmp_path / "solution.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    run = subprocess.run(
+        [*command, "2", str(script), str(out)], env=ENV, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    n, weight, bias = torch.load(out)
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(101, 7, generator=g).double(), torch.randn(101, 3, generator=g).double()
+    design = torch.cat([X, torch.ones(101, 1, dtype=torch.float64)], 1)
+    import numpy as np
+
+    reference = np.linalg.lstsq(design.numpy(), Y.numpy(), rcond=None)[0]
+    assert n == 101
+    np.testing.assert_allclose(weight.numpy(), reference[:7], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(bias.numpy(), reference[7], rtol=1e-10, atol=1e-12)
+
+
+def test_a_rank_that_raises_stops_every_rank_with_its_message(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text(
+        "import sys\n"
+        "from beyond_top1 import distributed\n"
+        "where = distributed.ranks()\n"
+        "def work():\n"
+        "    if where.rank == 1:\n"
+        "        raise ValueError('text 7 is empty')\n"
+        "    return 1\n"
+        "try:\n"
+        "    distributed.run_checked(work, where)\n"
+        "except Exception as exc:\n"
+        "    print(f'rank {where.rank} stopped: {type(exc).__name__}: {exc}', flush=True)\n"
+        "    sys.exit(3)\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    run = subprocess.run(
+        [*command, "2", str(script)], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode != 0
+    out = run.stdout
+    assert "rank 1 stopped: ValueError: text 7 is empty" in out
+    assert "rank 0 stopped: RankFailedError: rank 1 failed: ValueError: text 7 is empty" in out
+
+
+def test_commands_that_do_not_shard_refuse_torchrun(tmp_path):
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0"}
+    command = [sys.executable, "-m", "beyond_top1", "eval-lens", "--out", str(tmp_path / "e")]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "eval-lens does not run under torchrun yet" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_without_torchrun_there_is_one_rank():
+    from beyond_top1 import distributed
+
+    where = distributed.ranks()
+    assert (where.rank, where.world_size, where.active) == (0, 1, False)
+    assert where.owned(5) == [0, 1, 2, 3, 4]
+    two = distributed.Ranks(1, 2)
+    assert two.owned(5) == [1, 3] and two.owns(3) and not two.owns(4)
+    assert distributed.all_gather("x") == ["x"]
+    assert torch.equal(distributed.all_reduce_sum(torch.ones(2)), torch.ones(2))
