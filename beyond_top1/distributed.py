@@ -17,6 +17,8 @@ which stops the others.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -61,9 +63,37 @@ class Ranks:
         return list(range(self.rank, n, self.world_size))
 
 
+@contextlib.contextmanager
+def on_main(open_context: Callable[[], contextlib.AbstractContextManager[T]], where=None):
+    """Enter ``open_context()`` on rank 0 only (an output folder, checked and locked for the
+    whole run); yields its value there and ``None`` elsewhere. If rank 0 cannot enter it, every
+    rank raises its message. In one process: just ``with open_context() as value``."""
+    where = where or ranks()
+    with contextlib.ExitStack() as stack:
+        value = run_checked(
+            lambda: stack.enter_context(open_context()) if where.is_main else None, where
+        )
+        yield value
+
+
+def sharded(stream: dict, where: Ranks | None = None) -> dict:
+    """Keyword arguments of :func:`~beyond_top1.activations.stream_residuals` for this rank's
+    batches (round robin), with progress shown by rank 0 only; unchanged in one process."""
+    where = where or ranks()
+    if not where.active:
+        return stream
+    progress = stream.get("progress", True) and where.is_main
+    return {**stream, "select": where.owns, "progress": progress}
+
+
 def launched() -> bool:
     """Whether ``torchrun`` started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def ranks() -> Ranks:
@@ -76,6 +106,7 @@ def ranks() -> Ranks:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
         dist.init_process_group(backend=backend, timeout=timeout)
+        atexit.register(_destroy)  # gloo's threads abort the process if left running at exit
         if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return Ranks(dist.get_rank(), dist.get_world_size())
@@ -159,6 +190,8 @@ __all__ = [
     "broadcast",
     "check",
     "launched",
+    "on_main",
     "run_checked",
+    "sharded",
     "ranks",
 ]

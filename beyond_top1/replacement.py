@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from beyond_top1 import hooked
+from beyond_top1 import distributed, hooked
 from beyond_top1.data import DEFAULT_MAX_LEN, DEFAULT_SCORE_FIRST, iter_token_batches
 from beyond_top1.hooks.replace import FwdHooks, linear_replacement_hooks, replace_with_constant
 from beyond_top1.lenses.least_squares import DEFAULT_RIDGE, LeastSquaresAccumulator
@@ -83,22 +83,33 @@ class SubmoduleMaps:
         }
         sums = {k: torch.zeros(len(layers), d, dtype=torch.float64, device=device) for k in kinds}
         start = time.perf_counter()
+        where = distributed.ranks()  # under torchrun: batch b on rank b mod N, then all-reduce
         total = len(texts) if hasattr(texts, "__len__") else None
+        progress = progress and where.is_main
         bar = tqdm(total=total, unit="text", desc="fit", disable=not progress, leave=False)
         batches = iter_token_batches(
             model, texts, batch_size=batch_size, max_len=max_len, score_first=score_first
         )
-        for batch in batches:
-            bar.update(len(batch.text_ids))
-            _, acts = hooked.run_with_activations(model, batch.tokens.to(device), wanted)
-            rows, cols = batch.scored.to(device).nonzero(as_tuple=True)
-            for kind in kinds:
-                x = torch.stack([acts[src][rows, cols] for src, _ in names[kind]], dim=1)
-                y = torch.stack([acts[tgt][rows, cols] for _, tgt in names[kind]], dim=1)
-                accumulators[kind].update(x, y)
-                sums[kind] += y.sum(0, dtype=torch.float64)
-            del acts
+
+        def accumulate() -> None:
+            for index, batch in enumerate(batches):
+                bar.update(len(batch.text_ids))
+                if not where.owns(index):
+                    continue
+                _, acts = hooked.run_with_activations(model, batch.tokens.to(device), wanted)
+                rows, cols = batch.scored.to(device).nonzero(as_tuple=True)
+                for kind in kinds:
+                    x = torch.stack([acts[src][rows, cols] for src, _ in names[kind]], dim=1)
+                    y = torch.stack([acts[tgt][rows, cols] for _, tgt in names[kind]], dim=1)
+                    accumulators[kind].update(x, y)
+                    sums[kind] += y.sum(0, dtype=torch.float64)
+                del acts
+
+        distributed.run_checked(accumulate, where)
         bar.close()
+        for kind in kinds:
+            accumulators[kind].all_reduce(where)
+            distributed.all_reduce_sum(sums[kind], where)
         n_tokens = accumulators[kinds[0]].n_tokens
         if n_tokens == 0:
             raise ValueError("the texts have no scored tokens to fit on")

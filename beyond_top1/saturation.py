@@ -139,6 +139,39 @@ ORDERING_LABELS = {
 }
 
 
+POSITION_BLOCK = 1 << 15  # positions per block of the permutation nulls (one seed each)
+
+
+def _block_generator(seed: int, block: int) -> torch.Generator:
+    """The generator of block ``block``: a function of ``(seed, block)`` only, so the nulls do
+    not depend on how the positions were split into pieces, files or ranks."""
+    state = np.random.SeedSequence([seed, block]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+def _null_sums(
+    s: Int[Tensor, "n k"], n_layers: int, convention: str, n_permutations: int, generator, chunk
+) -> tuple[Float[Tensor, " n_permutations"], Float[Tensor, " n_permutations"]]:
+    """Per permutation: the sum of strict τ over the positions kept, and their count."""
+    k_kept = kept_rank_counts(s, n_layers)
+    if convention == "kept":
+        s, k_kept = s[k_kept >= MIN_KEPT_RANKS], k_kept[k_kept >= MIN_KEPT_RANKS]
+    n, k = s.shape
+    columns = torch.arange(k)
+    fixed = columns[None, :] >= k_kept[:, None] if convention == "kept" else columns[None, :] < 0
+    sums, counts = [], []
+    for start in range(0, n_permutations, chunk):
+        p = min(chunk, n_permutations - start)
+        keys = torch.rand(p, n, k, generator=generator)
+        keys = torch.where(fixed, columns.to(keys.dtype) + 2.0, keys)  # shuffled ones first
+        permuted = torch.gather(s.expand(p, n, k), 2, keys.argsort(-1))  # [p, n, k]
+        kept = k_kept if convention == "kept" else kept_rank_counts(permuted, n_layers)
+        tau = _tau_given_counts(permuted, kept)
+        sums.append(tau.nan_to_num(0.0).sum(-1))
+        counts.append((~tau.isnan()).sum(-1).to(torch.float64))
+    return torch.cat(sums), torch.cat(counts)
+
+
 def permutation_null(
     s: Int[Tensor, "n k"],
     n_layers: int,
@@ -158,26 +191,25 @@ def permutation_null(
       permuted vector (trailing ``L-1`` dropped, ``k' >= 3`` kept); the mean is over the
       positions kept in that permutation. A value ``L-1`` moved before the end now counts in
       pairs, so this null is far lower than (a).
+
+    Positions are shuffled in blocks of :data:`POSITION_BLOCK`, each with its own generator
+    seeded by ``(seed, block)``, so memory is bounded and :class:`OrderingAccumulator` gives the
+    same nulls however the positions arrive.
     """
     if convention not in NULL_CONVENTIONS:
         raise ValueError(f"convention must be one of {NULL_CONVENTIONS}, got {convention!r}")
     s = _as_tensor(s).to(torch.int64)
-    k_kept = kept_rank_counts(s, n_layers)
-    if convention == "kept":
-        s, k_kept = s[k_kept >= MIN_KEPT_RANKS], k_kept[k_kept >= MIN_KEPT_RANKS]
-    n, k = s.shape
-    generator = torch.Generator().manual_seed(seed)
-    columns = torch.arange(k)
-    fixed = columns[None, :] >= k_kept[:, None] if convention == "kept" else columns[None, :] < 0
-    means = []
-    for start in range(0, n_permutations, chunk):
-        p = min(chunk, n_permutations - start)
-        keys = torch.rand(p, n, k, generator=generator)
-        keys = torch.where(fixed, columns.to(keys.dtype) + 2.0, keys)  # shuffled ones first
-        permuted = torch.gather(s.expand(p, n, k), 2, keys.argsort(-1))  # [p, n, k]
-        counts = k_kept if convention == "kept" else kept_rank_counts(permuted, n_layers)
-        means.append(_tau_given_counts(permuted, counts).nanmean(-1))
-    return torch.cat(means)
+    sums = torch.zeros(n_permutations, dtype=torch.float64)
+    counts = torch.zeros(n_permutations, dtype=torch.float64)
+    for block, start in enumerate(range(0, len(s), POSITION_BLOCK)):
+        part = s[start : start + POSITION_BLOCK]
+        generator = _block_generator(seed, block)
+        block_sums, block_counts = _null_sums(
+            part, n_layers, convention, n_permutations, generator, chunk
+        )
+        sums += block_sums
+        counts += block_counts
+    return sums / counts  # NaN where no position is kept
 
 
 @dataclass
@@ -228,6 +260,33 @@ class OrderingStats:
         return f"<div><b>Ordering statistics</b>{table}<b>Rank correspondence</b>{corr}</div>"
 
 
+def _places(s: Tensor, k_kept: Tensor) -> tuple[Tensor, Tensor]:
+    """Each kept ``s_j``'s average 1-based place among its position's kept values, and the
+    validity mask ``j < k'``."""
+    s = s.to(torch.float64)
+    k = s.shape[1]
+    valid = torch.arange(k)[None, :] < k_kept[:, None]
+    masked = torch.where(valid, s, torch.full_like(s, math.inf))
+    less = (masked[:, None, :] < masked[:, :, None]).sum(-1).double()
+    equal = (masked[:, None, :] == masked[:, :, None]).sum(-1).double()
+    return less + (equal + 1) / 2, valid
+
+
+def _correspondence_frame(n, place_sum, in_place) -> pd.DataFrame:
+    rows = []
+    for j, (count, total, hits) in enumerate(zip(n, place_sum, in_place, strict=True)):
+        count = int(count)
+        rows.append(
+            {
+                "rank": j + 1,
+                "n": count,
+                "mean_place": float(total) / count if count else math.nan,
+                "frac_in_place": float(hits) / count if count else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def rank_correspondence(s: Int[Tensor, "n k"], k_kept: Int[Tensor, " n"]) -> pd.DataFrame:
     """Where ``s_j`` falls within each position's sorted saturation layers, per rank ``j``.
 
@@ -235,39 +294,174 @@ def rank_correspondence(s: Int[Tensor, "n k"], k_kept: Int[Tensor, " n"]) -> pd.
     place). Returns one row per rank: ``rank, n, mean_place, frac_in_place`` (the fraction whose
     place equals its rank). Perfect order gives ``mean_place = rank``.
     """
-    s = _as_tensor(s).to(torch.float64)
-    n, k = s.shape
-    valid = torch.arange(k)[None, :] < k_kept[:, None]
-    masked = torch.where(valid, s, torch.full_like(s, math.inf))
-    less = (masked[:, None, :] < masked[:, :, None]).sum(-1).double()
-    equal = (masked[:, None, :] == masked[:, :, None]).sum(-1).double()
-    place = less + (equal + 1) / 2  # average 1-based place among kept ranks
+    s = _as_tensor(s)
+    place, valid = _places(s, _as_tensor(k_kept))
+    ranks = torch.arange(1, s.shape[1] + 1, dtype=torch.float64)
+    return _correspondence_frame(
+        valid.sum(0),
+        torch.where(valid, place, 0.0).sum(0),
+        (valid & (place == ranks)).sum(0),
+    )
+
+
+def _distribution_frame(counts: Tensor, n_layers: int) -> pd.DataFrame:
     rows = []
-    for j in range(k):
-        rows_j = valid[:, j]
-        count = int(rows_j.sum())
-        places = place[rows_j, j]
-        rows.append(
-            {
-                "rank": j + 1,
-                "n": count,
-                "mean_place": float(places.mean()) if count else math.nan,
-                "frac_in_place": float((places == j + 1).double().mean()) if count else math.nan,
-            }
-        )
-    return pd.DataFrame(rows)
+    for j in range(counts.shape[0]):
+        total = max(int(counts[j].sum()), 1)
+        for layer, count in enumerate(counts[j].tolist()):
+            rows.append((j + 1, layer, int(count), count / total))
+    return pd.DataFrame(rows, columns=["rank", "layer", "count", "fraction"])
+
+
+def _layer_counts(s: Tensor, n_layers: int) -> Tensor:
+    """``[k, L]`` counts of each ``s_i`` value."""
+    return torch.stack(
+        [
+            torch.bincount(s[:, j].clamp(0, n_layers), minlength=n_layers + 1)[:n_layers]
+            for j in range(s.shape[1])
+        ]
+    )
 
 
 def saturation_distribution(s: Int[Tensor, "n k"], n_layers: int) -> pd.DataFrame:
     """Counts of each ``s_i`` value per rank: columns ``rank, layer, count, fraction``."""
-    s = _as_tensor(s).to(torch.int64)
-    rows = []
-    for j in range(s.shape[1]):
-        counts = torch.bincount(s[:, j].clamp(0, n_layers), minlength=n_layers + 1)[:n_layers]
-        total = max(int(counts.sum()), 1)
-        for layer, count in enumerate(counts.tolist()):
-            rows.append((j + 1, layer, count, count / total))
-    return pd.DataFrame(rows, columns=["rank", "layer", "count", "fraction"])
+    return _distribution_frame(_layer_counts(_as_tensor(s).to(torch.int64), n_layers), n_layers)
+
+
+class OrderingAccumulator:
+    """001's ordering statistics of saturation layers that arrive in pieces (scan shards, row
+    groups of a parquet file, ranks), in memory bounded by :data:`POSITION_BLOCK`.
+
+    ``update(s)`` with ``[m, k]`` blocks in position order, then ``result()``. The result is
+    the same however the positions were split (the nulls shuffle fixed blocks of the filtered
+    positions, each with its own seeded generator), and equals :func:`ordering` of all of them.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        n_layers: int,
+        *,
+        filter_fraction: float = DEFAULT_FILTER_FRACTION,
+        n_permutations: int = DEFAULT_PERMUTATIONS,
+        seed: int = 0,
+    ):
+        if k < MIN_KEPT_RANKS:
+            raise ValueError(f"ordering statistics need k >= {MIN_KEPT_RANKS}, got {k}")
+        if not 0 <= filter_fraction <= 1:
+            raise ValueError(f"filter_fraction must be in [0, 1], got {filter_fraction}")
+        self.k, self.n_layers = k, n_layers
+        self.filter_fraction, self.n_permutations, self.seed = filter_fraction, n_permutations, seed
+        self.n_positions = self.n_passing = self.n_kept = self.n_ordered = 0
+        self.tau_sum = self.tau_square_sum = 0.0
+        self.layer_counts = torch.zeros(k, n_layers, dtype=torch.int64)
+        self.place_n = torch.zeros(k, dtype=torch.int64)
+        self.place_sum = torch.zeros(k, dtype=torch.float64)
+        self.in_place = torch.zeros(k, dtype=torch.int64)
+        self.null_sums = {
+            c: torch.zeros(n_permutations, dtype=torch.float64) for c in NULL_CONVENTIONS
+        }
+        self.null_counts = {
+            c: torch.zeros(n_permutations, dtype=torch.float64) for c in NULL_CONVENTIONS
+        }
+        self._pending: list[Tensor] = []
+        self._n_pending = 0
+        self._block = 0
+
+    def update(self, s: Int[Tensor, "m k"]) -> OrderingAccumulator:
+        s = _as_tensor(s).to(torch.int64)
+        if s.ndim != 2 or s.shape[1] != self.k:
+            raise ValueError(f"s must have shape [n, {self.k}], got {tuple(s.shape)}")
+        if len(s) and (int(s.min()) < 0 or int(s.max()) > self.n_layers - 1):
+            raise ValueError(f"saturation layers must lie in [0, {self.n_layers - 1}]")
+        self.n_positions += len(s)
+        filtered = s[position_filter(s[:, 0], self.n_layers, self.filter_fraction)]
+        self.n_passing += len(filtered)
+        self.layer_counts += _layer_counts(filtered, self.n_layers)
+        self._pending.append(filtered)
+        self._n_pending += len(filtered)
+        while self._n_pending >= POSITION_BLOCK:
+            self._flush(POSITION_BLOCK)
+        return self
+
+    def _flush(self, size: int) -> None:
+        pending = torch.cat(self._pending) if self._pending else torch.zeros(0, self.k)
+        block, rest = pending[:size].to(torch.int64), pending[size:]
+        self._pending, self._n_pending = [rest], len(rest)
+        if not len(block):
+            return
+        k_kept = kept_rank_counts(block, self.n_layers)
+        kept = k_kept >= MIN_KEPT_RANKS
+        s_kept, k_kept = block[kept], k_kept[kept]
+        tau = _tau_given_counts(s_kept, k_kept)
+        self.n_kept += len(s_kept)
+        self.tau_sum += float(tau.sum())
+        self.tau_square_sum += float(tau.pow(2).sum())
+        self.n_ordered += int((tau == 1.0).sum())
+        place, valid = _places(s_kept, k_kept)
+        ranks = torch.arange(1, self.k + 1, dtype=torch.float64)
+        self.place_n += valid.sum(0)
+        self.place_sum += torch.where(valid, place, 0.0).sum(0)
+        self.in_place += (valid & (place == ranks)).sum(0)
+        for convention in NULL_CONVENTIONS:
+            generator = _block_generator(
+                self.seed, self._block
+            )  # the same draws as permutation_null
+            sums, counts = _null_sums(
+                block, self.n_layers, convention, self.n_permutations, generator, 50
+            )
+            self.null_sums[convention] += sums
+            self.null_counts[convention] += counts
+        self._block += 1
+
+    def result(self) -> OrderingStats:
+        """The statistics of every position given so far."""
+        if self._n_pending:
+            self._flush(self._n_pending)
+        n = self.n_kept
+        nulls = {}
+        if n:
+            mean_tau = self.tau_sum / n
+            variance = (self.tau_square_sum - n * mean_tau**2) / (n - 1) if n > 1 else math.nan
+            tau_se = math.sqrt(max(variance, 0.0) / n) if n > 1 else math.nan
+            frac_ordered = self.n_ordered / n
+            for convention in NULL_CONVENTIONS:
+                null = self.null_sums[convention] / self.null_counts[convention]
+                nulls[f"null_{convention}_mean"] = float(null.mean())
+                nulls[f"null_{convention}_std"] = float(null.std())
+                nulls[f"p_value_{convention}"] = float((null >= mean_tau - 1e-12).double().mean())
+        else:
+            mean_tau = tau_se = frac_ordered = math.nan
+            for convention in NULL_CONVENTIONS:
+                for key in ("null_{}_mean", "null_{}_std", "p_value_{}"):
+                    nulls[key.format(convention)] = math.nan
+        return OrderingStats(
+            k=self.k,
+            n_layers=int(self.n_layers),
+            n_positions=self.n_positions,
+            n_passing_filter=self.n_passing,
+            n_kept=n,
+            mean_tau=mean_tau,
+            tau_se=tau_se,
+            **nulls,
+            frac_strictly_increasing=frac_ordered,
+            n_permutations=self.n_permutations,
+            filter_fraction=self.filter_fraction,
+            seed=self.seed,
+            rank_correspondence=_correspondence_frame(self.place_n, self.place_sum, self.in_place),
+            distribution=_distribution_frame(self.layer_counts, self.n_layers),
+        )
+
+
+def s_columns(frame_columns) -> list[str]:
+    """The ``s_1..s_k`` column names of a saturation table, in rank order."""
+    columns = sorted(
+        (c for c in frame_columns if c.startswith("s_") and c[2:].isdigit()),
+        key=lambda c: int(c[2:]),
+    )
+    if not columns:
+        raise ValueError("the table has no s_1..s_k columns")
+    return columns
 
 
 def ordering(
@@ -280,7 +474,9 @@ def ordering(
 ) -> OrderingStats:
     """Do ranks saturate in order? 001's statistics for saturation layers ``s``.
 
-    See docs/definitions.md, "Ordering statistics".
+    See docs/definitions.md, "Ordering statistics". For more positions than fit in memory, feed
+    an :class:`OrderingAccumulator` piece by piece (``beyond_top1.scans.scan_ordering`` does
+    that from a scan folder's row groups).
 
     Args:
         s: ``[n, k]`` saturation layers, or a scan result / saturation DataFrame with columns
@@ -295,13 +491,7 @@ def ordering(
         s = s.saturation
     if isinstance(s, pd.DataFrame):
         n_layers = n_layers or s.attrs.get("n_layers")
-        columns = sorted(
-            (c for c in s.columns if c.startswith("s_") and c[2:].isdigit()),
-            key=lambda c: int(c[2:]),
-        )
-        if not columns:
-            raise ValueError("the DataFrame has no s_1..s_k columns")
-        s = torch.as_tensor(s[columns].to_numpy())
+        s = torch.as_tensor(s[s_columns(s.columns)].to_numpy())
     s = _as_tensor(s).to(torch.int64)
     if n_layers is None:
         raise ValueError("pass n_layers (the model's number of layers)")
@@ -310,55 +500,20 @@ def ordering(
             f"s must have shape [n, k] with k >= {MIN_KEPT_RANKS} for ordering statistics, "
             f"got {tuple(s.shape)}"
         )
-    if len(s) and (int(s.min()) < 0 or int(s.max()) > n_layers - 1):
-        raise ValueError(f"saturation layers must lie in [0, {n_layers - 1}]")
-    filtered = s[position_filter(s[:, 0], n_layers, filter_fraction)]
-    k_kept = kept_rank_counts(filtered, n_layers)
-    kept = k_kept >= MIN_KEPT_RANKS
-    s_kept, k_kept = filtered[kept], k_kept[kept]
-    n_kept = len(s_kept)
-    nulls = {}
-    if n_kept:
-        tau = _tau_given_counts(s_kept, k_kept)
-        mean_tau = float(tau.mean())
-        tau_se = float(tau.std() / math.sqrt(n_kept)) if n_kept > 1 else math.nan
-        frac_ordered = float((tau == 1.0).double().mean())
-        for convention in NULL_CONVENTIONS:
-            null = permutation_null(
-                filtered, n_layers, convention=convention, n_permutations=n_permutations, seed=seed
-            )
-            nulls[f"null_{convention}_mean"] = float(null.mean())
-            nulls[f"null_{convention}_std"] = float(null.std())
-            nulls[f"p_value_{convention}"] = float((null >= mean_tau - 1e-12).double().mean())
-    else:
-        mean_tau = tau_se = frac_ordered = math.nan
-        for convention in NULL_CONVENTIONS:
-            for key in (
-                f"null_{convention}_mean",
-                f"null_{convention}_std",
-                f"p_value_{convention}",
-            ):
-                nulls[key] = math.nan
-    return OrderingStats(
-        k=int(s.shape[1]),
-        n_layers=int(n_layers),
-        n_positions=int(len(s)),
-        n_passing_filter=int(len(filtered)),
-        n_kept=n_kept,
-        mean_tau=mean_tau,
-        tau_se=tau_se,
-        **nulls,
-        frac_strictly_increasing=frac_ordered,
-        n_permutations=n_permutations,
+    accumulator = OrderingAccumulator(
+        s.shape[1],
+        n_layers,
         filter_fraction=filter_fraction,
+        n_permutations=n_permutations,
         seed=seed,
-        rank_correspondence=rank_correspondence(s_kept, k_kept),
-        distribution=saturation_distribution(filtered, n_layers),
     )
+    return accumulator.update(s).result()
 
 
 __all__ = [
     "NULL_CONVENTIONS",
+    "OrderingAccumulator",
+    "POSITION_BLOCK",
     "ORDERING_LABELS",
     "OrderingStats",
     "kendall_tau_strict",
@@ -369,4 +524,5 @@ __all__ = [
     "rank_correspondence",
     "saturation_distribution",
     "saturation_layers",
+    "s_columns",
 ]

@@ -9,6 +9,7 @@ from beyond_top1.probes import task_labels
 from beyond_top1.saturation import (
     NULL_CONVENTIONS,
     ORDERING_LABELS,
+    OrderingAccumulator,
     OrderingStats,
     kendall_tau_strict,
     kept_rank_counts,
@@ -23,6 +24,7 @@ from beyond_top1.saturation import (
 __all__ = [
     "NULL_CONVENTIONS",
     "ORDERING_LABELS",
+    "OrderingAccumulator",
     "OrderingStats",
     "kendall_tau_strict",
     "kept_rank_counts",

@@ -40,18 +40,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def matmul_rate(dtype, seconds: float = 3.0) -> float:
+def matmul_rate(dtype, seconds: float = 3.0, device: str = "cpu") -> float:
     """GFLOP/s of an unembedding-shaped GEMM ([1024, 576] @ [576, 49152]) in ``dtype``."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, 576, generator=g).to(dtype)
-    w = torch.randn(576, 49152, generator=g).to(dtype)
+    x = torch.randn(1024, 576, generator=g).to(device, dtype)
+    w = torch.randn(576, 49152, generator=g).to(device, dtype)
     x @ w  # warm up
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         x @ w
         n += 1
+    sync()
     return 2 * 1024 * 576 * 49152 * n / (time.perf_counter() - start) / 1e9
 
 
@@ -125,7 +128,8 @@ def worker(args) -> None:
     import beyond_top1 as bt
 
     torch.set_num_threads(args.threads)
-    model = bt.load_model(args.model)
+    model = bt.load_model(args.model, device=args.device)
+    cuda = args.device.startswith("cuda")
     texts = bt.wiki_texts(args.n_texts, split="val", seed=0)
     n_tokens = bt.activations.count_scored_tokens(model, texts, max_len=args.max_len)
 
@@ -168,8 +172,13 @@ def worker(args) -> None:
     if args.method != "naive":  # warm up on the same texts: compiled kernels, caches (not timed)
         run(texts)
     base_mb = _reset_peak_rss()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     s = run(texts)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak_mb = _peak_rss_mb()
     out = {
@@ -182,7 +191,10 @@ def worker(args) -> None:
         "rss_before_mb": base_mb,
         "peak_added_mb": peak_mb - base_mb,
         "threads": torch.get_num_threads(),
+        "device": args.device,
     }
+    if cuda:
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if args.save_s and s is not None:
         Path(args.save_s).write_text(json.dumps(s))
     print("RESULT " + json.dumps(out), flush=True)
@@ -207,6 +219,8 @@ def spawn(method: str, n_texts: int, args, save_s: str | None = None) -> dict:
         args.model,
         "--threads",
         str(args.threads),
+        "--device",
+        args.device,
     ]
     if save_s:
         command += ["--save-s", save_s]
@@ -228,6 +242,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for bench_scan.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: cuda when there is one, else cpu); on a GPU the FLOP "
+        "bound and GEMM rates are the GPU's",
+    )
+    parser.add_argument(
         "--table-only",
         action="store_true",
         help="only the goals table: TL 4.3, forward, full and saturation-only scans, one size",
@@ -237,6 +257,10 @@ def main() -> None:
     parser.add_argument("--n-texts", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--save-s", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
         worker(args)
         return
@@ -248,8 +272,8 @@ def main() -> None:
     import beyond_top1 as bt
 
     model = bt.load_model(args.model)  # also makes sure the conversion cache exists
-    fp32_rate = matmul_rate(torch.float32)
-    bf16_rate = matmul_rate(torch.bfloat16)
+    fp32_rate = matmul_rate(torch.float32, device=args.device)
+    bf16_rate = matmul_rate(torch.bfloat16, device=args.device)
     L, d, vocab = model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab
     flops = forward_flops_per_token(model, args.max_len) + L * 2 * d * vocab
     bound = fp32_rate * 1e9 / flops

@@ -168,7 +168,7 @@ def test_a_finished_scan_is_not_recomputed_on_resume(
     def must_not_run(*a, **k):
         raise AssertionError("a finished scan was recomputed")
 
-    monkeypatch.setattr(scans, "_run_scan", must_not_run)
+    monkeypatch.setattr(scans, "_run_shards", must_not_run)
     code, out, _ = run(capsys, *args, "--resume")
     assert code == 0 and "complete" in out and "mean strict tau" in out
     assert snapshot(tmp_path / "s") == before

@@ -6,6 +6,7 @@ import math
 from itertools import combinations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -198,3 +199,37 @@ def test_null_conventions_differ_and_are_seeded():
     assert float(b.mean()) < float(a.mean()) - 0.05
     with pytest.raises(ValueError, match="convention"):
         permutation_null(s, 30, convention="both")
+
+
+def test_ordering_is_the_same_however_the_positions_arrive(monkeypatch):
+    """The accumulator fed in uneven pieces gives exactly what one call gives, and both match
+    a direct computation (numpy means, a brute-force count of each s_i)."""
+    from beyond_top1 import saturation
+
+    monkeypatch.setattr(saturation, "POSITION_BLOCK", 64)  # many blocks in a small test
+    g = torch.Generator().manual_seed(7)
+    s = torch.randint(0, 30, (1000, 5), generator=g)
+    s[::4, 3:] = 29
+    whole = ordering(s, 30, n_permutations=60, seed=5)
+    accumulator = saturation.OrderingAccumulator(5, 30, n_permutations=60, seed=5)
+    start = 0
+    for size in (1, 63, 2, 200, 97, 637):
+        accumulator.update(s[start : start + size])
+        start += size
+    assert start == len(s)
+    pieces = accumulator.result()
+    assert pieces.summary() == whole.summary()
+    pd.testing.assert_frame_equal(pieces.rank_correspondence, whole.rank_correspondence)
+    pd.testing.assert_frame_equal(pieces.distribution, whole.distribution)
+    # direct computation
+    passing = s[s[:, 0] <= 25].numpy()
+    tau = kendall_tau_strict(torch.as_tensor(passing), 30).numpy()
+    tau = tau[~np.isnan(tau)]
+    assert whole.n_passing_filter == len(passing) and whole.n_kept == len(tau)
+    assert whole.mean_tau == pytest.approx(tau.mean(), abs=1e-12)
+    assert whole.tau_se == pytest.approx(tau.std(ddof=1) / np.sqrt(len(tau)), rel=1e-9)
+    counts = whole.distribution.pivot(index="layer", columns="rank", values="count")
+    for j in range(5):
+        assert counts[j + 1].tolist() == [int((passing[:, j] == l).sum()) for l in range(30)]
+    null = permutation_null(torch.as_tensor(passing), 30, n_permutations=60, seed=5)
+    assert whole.null_kept_mean == pytest.approx(float(null.mean()), abs=1e-12)

@@ -136,6 +136,13 @@ def test_scan_writes_identical_files_and_resumes(tiny_model, tmp_path, monkeypat
     assert loaded.saturation.equals(full.saturation)
     np.testing.assert_array_equal(loaded.final_ranks, full.final_ranks)
     assert loaded.settings["k"] == 3
+    # the folder read lazily: the same table, and the same ordering statistics streamed
+    from beyond_top1.scans import scan_dataset, scan_ordering
+
+    lazy = scan_dataset(tmp_path / "resumed").to_table().to_pandas()
+    assert lazy.equals(full.saturation)
+    streamed = scan_ordering(tmp_path / "resumed", n_permutations=40, seed=2)
+    assert streamed.summary() == full.ordering(n_permutations=40, seed=2).summary()
 
 
 def test_scan_errors(tiny_model, tmp_path):

@@ -11,7 +11,12 @@ from beyond_top1 import distributed
 from beyond_top1.cli import early_exit, lenses, probes, reproduce, scan
 from beyond_top1.tasks.common import AnalysisUnavailable
 
-DATA_PARALLEL_COMMANDS = ("scan", "fit-lens")  # the commands that shard texts under torchrun
+DATA_PARALLEL_COMMANDS = (
+    "scan",
+    "fit-lens",
+    "eval-lens",
+    "probe",
+)  # the commands that shard texts under torchrun
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,8 +118,9 @@ def _cmd_eval_lens(args: argparse.Namespace) -> int:
         lenses[lens.kind if lens.kind not in lenses else Path(directory).name] = lens
     if not lenses:
         raise ValueError("no lens to evaluate: give --lens DIR, or drop --no-logit")
-    with folder:
-        frame = lens_eval.run(model, config, folder, lenses)
+    frame = lens_eval.run(model, config, folder.path, lenses)  # locks the folder (rank 0)
+    if not distributed.ranks().is_main:
+        return 0
     summary = frame.pivot(index="layer", columns="lens", values=["kl", "precision_at_1"])
     print(summary.round(3).to_string())
     print(f"wrote {folder.path}/{lens_eval.METRICS_FILE}, .json and figures/")

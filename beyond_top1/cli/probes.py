@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from beyond_top1 import distributed
 from beyond_top1.cli.args import (
     add_model_args,
     add_text_args,
@@ -42,7 +44,8 @@ def _scan_and_lens(args: argparse.Namespace, model, folder: OutputFolder):
         max_len=args.max_len,
         batch_size=args.batch_size,
     )
-    target = folder.claim("scan")  # a scan folder inside this one
+    # a scan folder inside this one (under torchrun rank 0 holds ``folder`` and records it)
+    target = folder.claim("scan") if folder is not None else Path(args.out) / "scan"
     return scan_task.run(model, config, target, lens=lens, resume=True), lens
 
 
@@ -60,9 +63,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     model = load_model_from_args(args)
-    with folder:
-        result, _ = _scan_and_lens(args, model, folder)
-        outcome = probe.run(model, config, folder, result)
+    where = distributed.ranks()  # under torchrun: rank 0 holds the folder, every rank computes
+    with distributed.on_main(lambda: folder, where) as held:
+        result, _ = _scan_and_lens(args, model, held)
+        outcome = probe.run(model, config, held, result)
+    if not where.is_main:
+        return 0
     print(probe.describe(outcome))
     print(f"wrote {folder.path}/{probe.PROBE_FILE}, cv_*.csv, cv.json and figures/")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from beyond_top1.cli.args import (
 from beyond_top1.fileio import OutputError, check_output_dir, write_new_file
 from beyond_top1.ranking import PRECISIONS
 from beyond_top1.saturation import DEFAULT_PERMUTATIONS
-from beyond_top1.scans import SETTINGS_FILE, SUMMARY_FILE, ScanFileError, load_scan
+from beyond_top1.scans import SETTINGS_FILE, SUMMARY_FILE, ScanFileError, scan_ordering
 from beyond_top1.tasks import ordering
 from beyond_top1.tasks import scan as scan_task
 
@@ -77,19 +78,26 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_order(args: argparse.Namespace) -> int:
+    """Reads each folder's ``saturation.parquet`` one row group at a time (bounded memory)."""
     if args.csv and Path(args.csv).exists():  # before any work
         raise OutputError(f"{args.csv} exists; remove it or choose another file name")
-    scans = {}
+    folders = {}
     for folder in args.scans:
-        if not (Path(folder) / SUMMARY_FILE).is_file():
-            raise ScanFileError(f"{folder} has no {SUMMARY_FILE}: is it a finished scan folder?")
-        result = load_scan(folder)
-        if result.k < 3 or not len(result):
+        try:
+            summary = json.loads((Path(folder) / SUMMARY_FILE).read_text(encoding="utf-8"))
+            settings = summary["settings"]
+        except (OSError, ValueError, KeyError):
+            raise ScanFileError(
+                f"{folder} has no readable {SUMMARY_FILE}: is it a finished scan folder?"
+            ) from None
+        if settings.get("k", 0) < 3 or not summary.get("n_positions"):
             raise ScanFileError(f"{folder}: no ordering statistics (k < 3 or no positions)")
-        name = f"{result.settings.get('model_name', folder)} [{result.settings.get('lens', '?')}]"
-        scans[f"{name} {folder}" if name in scans else name] = result
-    config = ordering.OrderingConfig(n_permutations=args.permutations, seed=args.seed)
-    summaries = {name: st.summary() for name, st in ordering.statistics(scans, config).items()}
+        name = f"{settings.get('model_name', folder)} [{settings.get('lens', '?')}]"
+        folders[f"{name} {folder}" if name in folders else name] = folder
+    summaries = {
+        name: scan_ordering(folder, n_permutations=args.permutations, seed=args.seed).summary()
+        for name, folder in folders.items()
+    }
     print(ordering.format_table(summaries))
     if args.csv:
         frame = pd.DataFrame(summaries)

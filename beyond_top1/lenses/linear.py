@@ -65,16 +65,9 @@ def fit_linear_maps(
         d, d, bias=bias, n_maps=len(sources), device=hooked.model_device(model)
     )
     where = distributed.ranks()  # under torchrun: this rank's batches, then an all-reduce
-    batches = stream_residuals(
-        model,
-        texts,
-        layers=layers,
-        batch_size=batch_size,
-        max_len=max_len,
-        progress=progress and where.is_main,
-        score_first=score_first,
-        select=where.owns if where.active else None,
-    )
+    stream = {"batch_size": batch_size, "max_len": max_len, "progress": progress}
+    stream["score_first"] = score_first
+    batches = stream_residuals(model, texts, layers=layers, **distributed.sharded(stream, where))
 
     def accumulate() -> int:
         n_texts = 0

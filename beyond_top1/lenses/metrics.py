@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from beyond_top1 import hooked
+from beyond_top1 import distributed, hooked
 from beyond_top1.activations import resolve_layers, stream_residuals
 from beyond_top1.data import DEFAULT_SCORE_FIRST
 from beyond_top1.lenses.base import Lens
@@ -56,15 +56,37 @@ class Moments:
             return
         y = y.double()
         mean_b = y.mean(0)
-        ss_b = (y - mean_b).pow(2).sum(0)
+        self._merge(n_b, mean_b, (y - mean_b).pow(2).sum(0))
+
+    def _merge(self, n_b: int, mean_b: Tensor, ss_b: Tensor) -> None:
+        if n_b == 0:
+            return
         if self.mean is None:
             self.mean, self.ss_tot = mean_b, ss_b
         else:
             n = self.n + n_b
-            delta = mean_b - self.mean
+            delta = mean_b.to(self.mean.device) - self.mean
             self.mean = self.mean + delta * (n_b / n)
-            self.ss_tot = self.ss_tot + ss_b + delta.pow(2) * (self.n * n_b / n)
+            self.ss_tot = (
+                self.ss_tot + ss_b.to(self.mean.device) + delta.pow(2) * (self.n * n_b / n)
+            )
         self.n += n_b
+
+    def all_reduce(self, where=None) -> Moments:
+        """Merge every ``torchrun`` rank's moments, in rank order, on every rank."""
+        where = where or distributed.ranks()
+        if not where.active:
+            return self
+        mine = (self.n, None if self.mean is None else (self.mean.cpu(), self.ss_tot.cpu()))
+        merged = Moments()
+        for n, moments in distributed.all_gather(mine, where):
+            if moments is not None:
+                merged._merge(n, *moments)
+        device = None if self.mean is None else self.mean.device
+        self.n, self.mean, self.ss_tot = merged.n, merged.mean, merged.ss_tot
+        if device is not None and self.mean is not None:
+            self.mean, self.ss_tot = self.mean.to(device), self.ss_tot.to(device)
+        return self
 
 
 def squared_error(pred: Float[Tensor, "tokens d"], y: Float[Tensor, "tokens d"]) -> Tensor:
@@ -132,6 +154,29 @@ class _LensTotals:
         gold = log_q.gather(-1, next_ids.clamp_min(0)[:, None])[:, 0]
         self.cross_entropy -= _total(gold[has_next])
         self.n_next += int(has_next.sum())
+
+    def all_reduce(self, where=None) -> _LensTotals:
+        """Sum every ``torchrun`` rank's totals (float64), on every rank."""
+        where = where or distributed.ranks()
+        if not where.active:
+            return self
+        scalars = [self.n, self.n_next, self.surprisal, self.kl, self.cross_entropy]
+        packed = torch.tensor(scalars, dtype=torch.float64)
+        packed = torch.cat(
+            [packed, self.hits, torch.as_tensor(self.ss_res).double().cpu().flatten()]
+        )
+        sizes = distributed.all_gather(packed.numel(), where)
+        if len(set(sizes)) != 1:  # a rank with no tokens has a scalar ss_res: pad to [d]
+            width = max(sizes)
+            packed = torch.cat([packed, torch.zeros(width - packed.numel(), dtype=packed.dtype)])
+        distributed.all_reduce_sum(packed, where)
+        n, n_next = int(packed[0]), int(packed[1])
+        self.n, self.n_next = n, n_next
+        self.surprisal, self.kl, self.cross_entropy = (float(v) for v in packed[2:5])
+        k = len(PRECISION_KS)
+        self.hits = packed[5 : 5 + k].clone()
+        self.ss_res = packed[5 + k :].clone()
+        return self
 
     def row(self, ss_tot: Tensor) -> dict:
         n, n_next = self.n, self.n_next
@@ -216,25 +261,27 @@ def evaluate_lenses(
     final_lens = LogitLens(model)
     target = Moments()
     totals = {(name, l): _LensTotals() for name, ls in plan.items() for l in ls}
-    batches = stream_residuals(
-        model,
-        texts,
-        layers=streamed,
-        batch_size=batch_size,
-        max_len=max_len,
-        progress=progress,
-        score_first=score_first,
-    )
-    with torch.inference_mode():
-        for batch in batches:
-            y = batch.at(last)
-            target.update(y)
-            final = _FinalDistribution(final_lens(y, last))
-            for name, layer in totals:
-                totals[name, layer].update(
-                    named[name], layer, batch.at(layer), y, final, batch.next_token_ids
-                )
-            del final
+    where = distributed.ranks()  # under torchrun: this rank's batches, then sums all-reduced
+    stream = {"batch_size": batch_size, "max_len": max_len, "progress": progress}
+    stream["score_first"] = score_first
+    batches = stream_residuals(model, texts, layers=streamed, **distributed.sharded(stream, where))
+
+    def accumulate() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                y = batch.at(last)
+                target.update(y)
+                final = _FinalDistribution(final_lens(y, last))
+                for name, layer in totals:
+                    totals[name, layer].update(
+                        named[name], layer, batch.at(layer), y, final, batch.next_token_ids
+                    )
+                del final
+
+    distributed.run_checked(accumulate, where)
+    target.all_reduce(where)
+    for entry in totals.values():
+        entry.all_reduce(where)
     if target.n == 0:
         raise ValueError("the texts have no scored tokens")
     rows = [{"lens": n, "layer": l, **t.row(target.ss_tot)} for (n, l), t in totals.items()]
@@ -260,12 +307,19 @@ def _fit_pair_maps(
     accumulators = [
         LeastSquaresAccumulator(d, d * (n - 1 - i), bias=bias, device=device) for i in range(n - 1)
     ]
-    for batch in stream_residuals(model, texts, layers=layers, **stream):
-        for i, acc in enumerate(accumulators):
-            acc.update(batch.resid[:, i], batch.resid[:, i + 1 :].flatten(1))
+    where = distributed.ranks()
+
+    def accumulate() -> None:
+        for batch in stream_residuals(
+            model, texts, layers=layers, **distributed.sharded(stream, where)
+        ):
+            for i, acc in enumerate(accumulators):
+                acc.update(batch.resid[:, i], batch.resid[:, i + 1 :].flatten(1))
+
+    distributed.run_checked(accumulate, where)
     maps = []
     while accumulators:  # free each Gram matrix as soon as it is solved
-        maps.append(accumulators.pop(0).solve(ridge))
+        maps.append(accumulators.pop(0).all_reduce(where).solve(ridge))
     return maps
 
 
@@ -329,15 +383,26 @@ def _validation_errors(model, texts, layers, maps, **stream):
         for i in range(len(maps))
     ]
     ss_identity = [torch.zeros_like(ss) for ss in ss_linear]
-    for batch in stream_residuals(model, texts, layers=layers, **stream):
-        for i, moment in enumerate(moments):
-            moment.update(batch.resid[:, i])
-        for i, (weight, offset) in enumerate(maps):
-            x = batch.resid[:, i].double()
-            y = batch.resid[:, i + 1 :].double()
-            pred = (x @ weight if offset is None else x @ weight + offset).view_as(y)
-            ss_linear[i] += (pred - y).pow(2).sum(0)
-            ss_identity[i] += (x[:, None] - y).pow(2).sum(0)
+    where = distributed.ranks()
+
+    def accumulate() -> None:
+        for batch in stream_residuals(
+            model, texts, layers=layers, **distributed.sharded(stream, where)
+        ):
+            for i, moment in enumerate(moments):
+                moment.update(batch.resid[:, i])
+            for i, (weight, offset) in enumerate(maps):
+                x = batch.resid[:, i].double()
+                y = batch.resid[:, i + 1 :].double()
+                pred = (x @ weight if offset is None else x @ weight + offset).view_as(y)
+                ss_linear[i] += (pred - y).pow(2).sum(0)
+                ss_identity[i] += (x[:, None] - y).pow(2).sum(0)
+
+    distributed.run_checked(accumulate, where)
+    for total in (*ss_linear, *ss_identity):
+        distributed.all_reduce_sum(total, where)
+    for moment in moments:
+        moment.all_reduce(where)
     if moments[0].n == 0:
         raise ValueError("the validation texts have no scored tokens")
     return ss_linear, ss_identity, moments

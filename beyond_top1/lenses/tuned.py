@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from beyond_top1 import hooked
+from beyond_top1 import distributed, hooked
 from beyond_top1.activations import stream_residuals
 from beyond_top1.data import text_list
 from beyond_top1.lenses.base import Lens
@@ -344,6 +344,8 @@ def _train(
         "trained_layers": list(layers),
         "heldout_kl": [round(float(x), 5) for x in best_kl],
     }
+    if distributed.ranks().active:  # recorded only then: one-process settings stay as they were
+        lens.training_settings["ranks"] = distributed.ranks().world_size
     lens.requires_grad_(False)
     lens.training_history = pd.concat(history, ignore_index=True)  # saved with the lens
     return lens.eval()
@@ -377,9 +379,41 @@ def _trained_layers(model, init, layers) -> tuple[int, ...]:
     return layers
 
 
+def _check_ranks(settings: TunedLensTraining, where: distributed.Ranks) -> None:
+    """Under ``torchrun`` each step's batch is split across ranks, so every rank must take
+    the same number of steps: a time limit (different on each rank) cannot stop them."""
+    if not where.active:
+        return
+    if settings.batch_size % where.world_size:
+        raise ValueError(
+            f"batch_size {settings.batch_size} must be a multiple of the {where.world_size} "
+            "ranks (each step's texts are split evenly across them)"
+        )
+    if settings.time_limit_s is not None:
+        raise ValueError("time_limit_s does not work under torchrun: give max_steps instead")
+
+
+def _all_reduce_mean(parameters: list[nn.Parameter], where: distributed.Ranks) -> None:
+    """Average the gradients over ranks in one all-reduce (what DDP does), so every rank
+    takes the same optimizer step and the translators stay identical."""
+    if not where.active:
+        return
+    grads = [p.grad for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    distributed.all_reduce_sum(flat, where).div_(where.world_size)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
+
+
 def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
-    """The training loop; leaves the best translator per trained layer in ``lens``."""
-    generator = torch.Generator().manual_seed(settings.seed)
+    """The training loop; leaves the best translator per trained layer in ``lens``.
+
+    Under ``torchrun`` rank ``r`` takes part ``r`` of each step's batch (the same global batch
+    and steps as one process) and the gradients are averaged over ranks before each step.
+    """
+    where = distributed.ranks()
+    _check_ranks(settings, where)
+    generator = torch.Generator().manual_seed(settings.seed + where.rank)
     order = list(range(len(texts)))
     random.Random(settings.seed).shuffle(order)
     n_texts = settings.max_steps * settings.batch_size
@@ -412,16 +446,19 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
     history = [_history_rows(0, 0, clock, layers, best_kl)]
     tokens_seen, step, step_seconds = 0, 0, 0.0
     limit = settings.time_limit_s
+    progress = progress and where.is_main
     bar = tqdm(total=settings.max_steps, desc="tuned lens", unit="step", disable=not progress)
     batches = stream_residuals(
         model,
         stream_texts,
         layers=(*layers, L - 1),
-        batch_size=settings.batch_size,
+        batch_size=settings.batch_size // where.world_size,
         max_len=settings.max_len,
         progress=False,
         score_first=settings.score_first,
+        select=where.owns if where.active else None,
     )
+    tokens_per_layer = -(-settings.tokens_per_layer // where.world_size)
     evaluate = functools.partial(
         _evaluate, lens, layers, index, weights, biases, heldout, best_kl, best_state, clock
     )
@@ -436,7 +473,7 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
             target = _Target(lens(batch.at(L - 1), L - 1).float().log_softmax(-1))
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        n = min(settings.tokens_per_layer, len(batch))
+        n = min(tokens_per_layer, len(batch))
         for i in range(len(layers)):
             rows = torch.randperm(len(batch), generator=generator)[:n].to(target.p.device)
             h = batch.resid[rows, i]
@@ -447,6 +484,7 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
             )
             loss.backward()
             total += loss.item()
+        _all_reduce_mean([*weights, *biases], where)
         optimizer.step()
         bar.update(1)
         bar.set_postfix(train_kl=f"{total / len(layers):.3f}")
@@ -463,6 +501,7 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
         history.append(_history_rows(step, tokens_seen, clock, layers, kl))
     bar.close()
     lens.load_state_dict(best_state)
+    tokens_seen = sum(distributed.all_gather(tokens_seen, where))
     return history, step, tokens_seen, best_kl
 
 

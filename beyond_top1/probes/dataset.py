@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from beyond_top1 import hooked
+from beyond_top1 import distributed, hooked
 from beyond_top1.activations import stream_residuals
 from beyond_top1.data import texts_fingerprint
 from beyond_top1.probes.labels import task_labels
@@ -320,41 +320,48 @@ def _features(model, scan, texts, rows, row_layers, features: str, progress: boo
     X = np.zeros((len(rows), hooked.d_model(model)), dtype=np.float32)
     needed = sorted(set(row_layers.tolist()))
     settings = scan.settings or {}
-    batches = stream_residuals(
-        model,
-        texts,
-        layers=needed,
-        batch_size=int(settings.get("batch_size", 8)),
-        max_len=settings.get("max_len"),
-        progress=progress,
-        score_first=bool(settings.get("score_first", True)),  # older scans scored it
-    )
+    batch_size = int(settings.get("batch_size", 8))
+    stream = {"batch_size": batch_size, "max_len": settings.get("max_len")}
+    stream["score_first"] = bool(settings.get("score_first", True))  # older scans scored it
+    stream["progress"] = progress
+    where = distributed.ranks()  # under torchrun: each rank its batches, then one all-reduce
+    batches = stream_residuals(model, texts, layers=needed, **distributed.sharded(stream, where))
     text_ids = scan.saturation["text_id"].to_numpy()
     positions = scan.saturation["pos"].to_numpy()
+    batch_of_row = text_ids // batch_size  # scan rows are in text order
     column = {layer: j for j, layer in enumerate(needed)}
-    offset, cursor, last = 0, 0, int(rows[-1])
-    for batch in batches:
-        n = len(batch)
-        if not (
-            np.array_equal(batch.text_ids.cpu().numpy(), text_ids[offset : offset + n])
-            and np.array_equal(batch.positions.cpu().numpy(), positions[offset : offset + n])
-        ):
-            raise ValueError(
-                "the streamed positions do not line up with the scan's rows: pass the texts "
-                "the scan was made on (same order, max_len and batch size)"
-            )
-        end = cursor + np.searchsorted(rows[cursor:], offset + n)
-        if end > cursor:
-            local = torch.as_tensor(rows[cursor:end] - offset, device=batch.resid.device)
-            cols = [column[int(l)] for l in row_layers[cursor:end]]
-            picked = batch.resid[local, torch.as_tensor(cols, device=batch.resid.device)]
-            X[cursor:end] = normalise_features(picked.float(), features).cpu().numpy()
-            cursor = end
-        offset += n
-        if offset > last:
-            break
-    if cursor != len(rows):
+    last = int(rows[-1])
+
+    def extract() -> int:
+        filled = 0
+        for batch in batches:
+            lo = int(np.searchsorted(batch_of_row, batch.batch_index, "left"))
+            hi = int(np.searchsorted(batch_of_row, batch.batch_index, "right"))
+            if lo > last:
+                break
+            if not (
+                hi - lo == len(batch)
+                and np.array_equal(batch.text_ids.cpu().numpy(), text_ids[lo:hi])
+                and np.array_equal(batch.positions.cpu().numpy(), positions[lo:hi])
+            ):
+                raise ValueError(
+                    "the streamed positions do not line up with the scan's rows: pass the "
+                    "texts the scan was made on (same order, max_len and batch size)"
+                )
+            start, end = np.searchsorted(rows, lo), np.searchsorted(rows, hi)
+            if end > start:
+                local = torch.as_tensor(rows[start:end] - lo, device=batch.resid.device)
+                cols = [column[int(l)] for l in row_layers[start:end]]
+                picked = batch.resid[local, torch.as_tensor(cols, device=batch.resid.device)]
+                X[start:end] = normalise_features(picked.float(), features).cpu().numpy()
+                filled += int(end - start)
+        return filled
+
+    filled = sum(distributed.all_gather(distributed.run_checked(extract, where), where))
+    if filled != len(rows):
         raise ValueError("the texts yielded fewer positions than the scan holds")
+    if where.active:  # each row was filled on one rank, zeros elsewhere: the sum is exact
+        X = distributed.all_reduce_sum(torch.from_numpy(X), where).numpy()
     return X
 
 

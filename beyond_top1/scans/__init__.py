@@ -17,6 +17,8 @@ from beyond_top1.scans.result import (
     ScanResult,
     load_scan,
     save_scan,
+    scan_dataset,
+    scan_ordering,
 )
 from beyond_top1.scans.run import MARGIN_TOLERANCE, scan
 
@@ -36,5 +38,7 @@ __all__ = [
     "load_scan",
     "save_scan",
     "scan",
+    "scan_dataset",
+    "scan_ordering",
     "texts_fingerprint",
 ]

@@ -29,7 +29,13 @@ import torch
 from jaxtyping import Float, Int
 
 from beyond_top1.fileio import OutputFolder, atomic_write_bytes, output_folder
-from beyond_top1.saturation import OrderingStats, ordering, saturation_layers
+from beyond_top1.saturation import (
+    OrderingAccumulator,
+    OrderingStats,
+    ordering,
+    s_columns,
+    saturation_layers,
+)
 
 LENS_FIELDS = ("top_ids", "final_ranks", "top_logprobs")
 
@@ -347,8 +353,38 @@ def save_scan(result: ScanResult, directory: str | Path | OutputFolder, **orderi
 def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     sink = io.BytesIO()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
     return sink.getvalue()
+
+
+ROW_GROUP_ROWS = 1 << 16  # saturation.parquet row groups: the unit a lazy reader loads
+
+
+def scan_dataset(directory: str | Path):
+    """``saturation.parquet`` of a scan folder as a ``pyarrow.dataset.Dataset``: filter,
+    project and iterate it (``.to_batches(columns=[...])``) without loading the table; one
+    row group is 65,536 positions."""
+    import pyarrow.dataset as ds
+
+    path = Path(directory) / SATURATION_FILE
+    if not path.is_file():
+        raise ScanFileError(f"no {SATURATION_FILE} in {directory}: is it a finished scan folder?")
+    return ds.dataset(path, format="parquet")
+
+
+def scan_ordering(directory: str | Path, **kwargs) -> OrderingStats:
+    """001's ordering statistics of a scan folder, read one row group at a time: memory does
+    not grow with the number of positions (:class:`~beyond_top1.saturation.OrderingAccumulator`;
+    the same numbers as ``load_scan(directory).ordering(**kwargs)``)."""
+    dataset = scan_dataset(directory)
+    columns = s_columns(dataset.schema.names)
+    summary = json.loads((Path(directory) / SUMMARY_FILE).read_text())
+    n_layers = int(summary["settings"]["n_layers"])
+    accumulator = OrderingAccumulator(len(columns), n_layers, **kwargs)
+    for batch in dataset.to_batches(columns=columns, batch_size=ROW_GROUP_ROWS):
+        values = np.stack([batch.column(c).to_numpy() for c in columns], axis=1)
+        accumulator.update(torch.as_tensor(values))
+    return accumulator.result()
 
 
 def load_scan(directory: str | Path) -> ScanResult:
@@ -432,5 +468,7 @@ __all__ = [
     "final_files",
     "legacy_scan_files",
     "load_scan",
+    "scan_dataset",
+    "scan_ordering",
     "save_scan",
 ]

@@ -337,21 +337,15 @@ def _scan_ranks(run, texts, out: Path | None, settings, resume, progress, where)
             i: p for ranked in distributed.all_gather(shards, where) for i, p in ranked.items()
         }
         return _assemble(_in_order(gathered), dict(settings), texts)
-    folder = OutputFolder(out, SCAN_KIND, adopt=legacy_scan_files(out)) if where.is_main else None
 
-    def open_folder() -> bool:
-        if folder is None:
-            return False
-        folder.__enter__()
-        try:
-            return ShardStore(folder, settings, resume).complete
-        except BaseException:
-            folder.__exit__(None, None, None)
-            raise
+    def open_folder() -> OutputFolder:
+        return OutputFolder(out, SCAN_KIND, adopt=legacy_scan_files(out))
 
-    complete = distributed.broadcast(distributed.run_checked(open_folder, where), where)
-    try:
-        if not complete:
+    with distributed.on_main(open_folder, where) as folder:  # rank 0 checks and locks `out`
+        complete = distributed.run_checked(
+            lambda: folder is not None and ShardStore(folder, settings, resume).complete, where
+        )
+        if not distributed.broadcast(complete, where):
             store = ShardStore.writer(out)
             _, timing = distributed.run_checked(
                 lambda: run(store=store, progress=progress, where=where, keep_parts=False), where
@@ -359,16 +353,13 @@ def _scan_ranks(run, texts, out: Path | None, settings, resume, progress, where)
             timings = distributed.all_gather(timing, where)
 
             def merge() -> None:
-                if where.is_main:
+                if folder is not None:
                     shards = {index: store.load(index) for index in _shard_indices(settings)}
                     result = _assemble(_in_order(shards), dict(settings), texts)
                     save_scan(result, folder)
                     ShardStore(folder, settings, resume=True).finish(_merged_timing(timings))
 
             distributed.run_checked(merge, where)
-    finally:
-        if folder is not None and folder._lock is not None:
-            folder.__exit__(None, None, None)
     return load_scan(out)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from beyond_top1 import distributed
 from beyond_top1.figures import plot_lens_metrics, plot_quality_of_fit
 from beyond_top1.fileio import OutputFolder, output_folder
 from beyond_top1.lenses import Lens
@@ -43,17 +44,26 @@ def run(
     with ``quality_of_fit_texts`` also ``quality_of_fit.csv`` and its figure."""
     stream = {"batch_size": config.batch_size, "max_len": config.max_len, "progress": progress}
     stream["score_first"] = config.score_first
-    with output_folder(out, KIND) as folder:
+    where = distributed.ranks()  # under torchrun: every rank computes, rank 0 writes
+    with distributed.on_main(lambda: output_folder(out, KIND), where) as folder:
         frame = evaluate_lenses(model, lenses, config.texts.load(), **stream)
-        folder.write_csv(METRICS_FILE, frame)
-        folder.write_text(METRICS_JSON, frame.to_json(orient="records", indent=1))
-        for metric, fig in plot_lens_metrics(frame).items():
-            figure(folder, fig, metric)
+        matrix = None
         if config.quality_of_fit_texts is not None:
             fit, val = config.quality_of_fit_texts.load(), config.texts.load()
             matrix = quality_of_fit_matrix(model, fit, val, **stream)
-            folder.write_csv(QUALITY_FILE, matrix)
-            figure(folder, plot_quality_of_fit(matrix), "quality_of_fit")
+
+        def write() -> None:
+            if folder is None:
+                return
+            folder.write_csv(METRICS_FILE, frame)
+            folder.write_text(METRICS_JSON, frame.to_json(orient="records", indent=1))
+            for metric, fig in plot_lens_metrics(frame).items():
+                figure(folder, fig, metric)
+            if matrix is not None:
+                folder.write_csv(QUALITY_FILE, matrix)
+                figure(folder, plot_quality_of_fit(matrix), "quality_of_fit")
+
+        distributed.run_checked(write, where)
     return frame
 
 

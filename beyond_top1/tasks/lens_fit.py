@@ -50,11 +50,6 @@ def run(model, config: LensFitConfig, out: str | Path, *, progress: bool = True)
     toolkit did not write is refused)."""
     check_lens_destination(out)
     where = distributed.ranks()
-    if where.active and config.kind != "linear":
-        raise ValueError(
-            f"fit-lens --kind {config.kind} does not run under torchrun yet (only --kind "
-            "linear is data-parallel); run it in one process"
-        )
     texts = config.texts.load()
     if config.kind == "linear":
         lens = LinearShortcutLens.fit(

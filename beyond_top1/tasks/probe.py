@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from beyond_top1 import distributed
 from beyond_top1.figures import plot_probe_per_layer
 from beyond_top1.fileio import OutputFolder, output_folder
 from beyond_top1.probes import (
@@ -97,6 +98,9 @@ def run(
             heldout = TaskProbe(C=config.C).fit(data.subset(np.flatnonzero(first_half)))
     except ValueError as exc:
         raise AnalysisUnavailable(f"task probe: {exc}") from None
+    if out is None or not distributed.ranks().is_main:  # under torchrun, rank 0 writes
+        distributed.check()
+        return ProbeOutcome(data, cv, probe, heldout)
     with output_folder(out, KIND) as folder:
         probe.save(folder.claim(PROBE_FILE))
         if heldout is not None:
@@ -108,6 +112,7 @@ def run(
         folder.write_json(CV_FILE, {"dataset": data.summary(), "cv": cv.summary()})
         plot = plot_probe_per_layer(cv.per_layer, chance=1 / data.k, min_n=5)
         figure(folder, plot, FIGURE)
+    distributed.check()
     return ProbeOutcome(data, cv, probe, heldout)
 
 
