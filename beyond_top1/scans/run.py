@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -331,6 +332,14 @@ def _scan_ranks(run, texts, out: Path | None, settings, resume, progress, where)
     locks the folder, every rank writes its shards there, rank 0 merges them into the same
     files as a one-process run, and every rank returns the merged result. A failure on any rank
     stops all of them with its message (:func:`beyond_top1.distributed.check`)."""
+    n_shards = len(_shard_indices(settings))
+    if n_shards < where.world_size and where.is_main:
+        warnings.warn(
+            f"{n_shards} shard(s) of {settings['shard_batches']} batches for {where.world_size} "
+            "ranks: some ranks have no work. Use a smaller shard_batches (--shard-batches) or "
+            "batch_size, or more texts",
+            stacklevel=3,
+        )
     if out is None:
         shards, _ = distributed.run_checked(lambda: run(store=None, progress=progress, where=where))
         gathered = {
