@@ -1,18 +1,22 @@
 """Data parallelism under ``torchrun``: which batches this process runs, and how ranks combine.
 
 Launched by ``torchrun --nproc-per-node N [--nnodes M ...]`` (which sets ``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR`` ...), the corpus-level analyses shard their batches across
-ranks: batch ``b`` of the text list (the same batches as a one-process run, so each batch's
-numbers are the same) runs on rank ``b mod N``. Results are combined with
-``torch.distributed`` collectives: float64 all-reduces of sums (normal equations, metric
-sums), gradient all-reduces for trained lenses, and for scans, shard files that rank 0 merges.
-The process group is created on first use: ``gloo`` for CPU tensors (and ``nccl`` for CUDA
-ones, when CUDA is there). Without ``torchrun`` nothing changes: one rank, no collectives.
+``WORLD_SIZE``, ``MASTER_ADDR`` ...), the corpus-level analyses shard their batches of the text
+list across ranks (the same batches as a one-process run, so each batch's numbers are the
+same): a scan runs shard ``s`` (``shard_batches`` batches) on rank ``s mod N``, the fits and
+evaluations batch ``b`` on rank ``b mod N``, a tuned lens part ``r`` of each step's batch on rank
+``r``. Results are combined with ``torch.distributed`` collectives: float64 all-reduces of sums
+(normal equations, metric sums), a gradient all-reduce per tuned-lens step, and for scans,
+shard files that rank 0 merges (so several nodes need a shared filesystem for ``out``). The
+process group is created on first use: ``gloo`` for CPU tensors (and ``nccl`` for CUDA ones,
+when CUDA is there), with each rank on GPU ``LOCAL_RANK`` when there is one. Without
+``torchrun`` nothing changes: one rank, no collectives.
 
-Errors: a rank that fails reports its message to the others at the next :func:`check`
-(every analysis calls it before combining), so all ranks stop with that rank's message instead
-of waiting for it; a rank that dies outright (killed, out of memory) is detected by ``torchrun``,
-which stops the others.
+Errors: a rank that fails in a checked section (:func:`run_checked`) reports its message to the
+others at its end, so all ranks stop with that rank's message instead of waiting for it; a rank
+that dies outright (killed, out of memory), or fails between checks, is detected by
+``torchrun``, which stops the others. A collective waits at most ``BEYOND_TOP1_DIST_TIMEOUT``
+seconds (default 3 hours) for the other ranks.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 TIMEOUT_ENV = "BEYOND_TOP1_DIST_TIMEOUT"  # seconds a collective waits for the other ranks
+DEFAULT_TIMEOUT = "10800"  # 3 h: fast ranks wait for the slowest one's shards and rank 0's merge
 
 
 class RankFailedError(RuntimeError):
@@ -104,11 +109,12 @@ def ranks() -> Ranks:
         if not launched():
             return Ranks()
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)))
         dist.init_process_group(backend=backend, timeout=timeout)
         atexit.register(_destroy)  # gloo's threads abort the process if left running at exit
-        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local = int(os.environ.get("LOCAL_RANK", "-1"))
+        if torch.cuda.is_available() and 0 <= local < torch.cuda.device_count():
+            torch.cuda.set_device(local)  # device="cuda" is then this rank's GPU
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 

@@ -16,6 +16,7 @@ Layers are 0-based (``0..L-1``), ranks 1-based. Arrays may be torch tensors or n
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -350,6 +351,8 @@ class OrderingAccumulator:
             raise ValueError(f"ordering statistics need k >= {MIN_KEPT_RANKS}, got {k}")
         if not 0 <= filter_fraction <= 1:
             raise ValueError(f"filter_fraction must be in [0, 1], got {filter_fraction}")
+        if n_permutations < 1:
+            raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
         self.k, self.n_layers = k, n_layers
         self.filter_fraction, self.n_permutations, self.seed = filter_fraction, n_permutations, seed
         self.n_positions = self.n_passing = self.n_kept = self.n_ordered = 0
@@ -380,14 +383,17 @@ class OrderingAccumulator:
         self.layer_counts += _layer_counts(filtered, self.n_layers)
         self._pending.append(filtered)
         self._n_pending += len(filtered)
-        while self._n_pending >= POSITION_BLOCK:
-            self._flush(POSITION_BLOCK)
+        if self._n_pending >= POSITION_BLOCK:  # whole blocks now, the rest kept for later
+            pending = torch.cat(self._pending)
+            whole = len(pending) - len(pending) % POSITION_BLOCK
+            for start in range(0, whole, POSITION_BLOCK):
+                self._add_block(pending[start : start + POSITION_BLOCK], self._block)
+                self._block += 1
+            self._pending, self._n_pending = [pending[whole:]], len(pending) - whole
         return self
 
-    def _flush(self, size: int) -> None:
-        pending = torch.cat(self._pending) if self._pending else torch.zeros(0, self.k)
-        block, rest = pending[:size].to(torch.int64), pending[size:]
-        self._pending, self._n_pending = [rest], len(rest)
+    def _add_block(self, block: Tensor, index: int) -> None:
+        """Add one block of filtered positions (the ``index``-th: it seeds the shuffles)."""
         if not len(block):
             return
         k_kept = kept_rank_counts(block, self.n_layers)
@@ -404,20 +410,20 @@ class OrderingAccumulator:
         self.place_sum += torch.where(valid, place, 0.0).sum(0)
         self.in_place += (valid & (place == ranks)).sum(0)
         for convention in NULL_CONVENTIONS:
-            generator = _block_generator(
-                self.seed, self._block
-            )  # the same draws as permutation_null
+            generator = _block_generator(self.seed, index)  # the same draws as permutation_null
             sums, counts = _null_sums(
                 block, self.n_layers, convention, self.n_permutations, generator, 50
             )
             self.null_sums[convention] += sums
             self.null_counts[convention] += counts
-        self._block += 1
 
     def result(self) -> OrderingStats:
-        """The statistics of every position given so far."""
-        if self._n_pending:
-            self._flush(self._n_pending)
+        """The statistics of every position given so far (more may be added after)."""
+        if self._n_pending:  # the last, partial block, added to a copy
+            final = copy.deepcopy(self)
+            final._n_pending, final._pending = 0, []
+            final._add_block(torch.cat(self._pending), self._block)
+            return final.result()
         n = self.n_kept
         nulls = {}
         if n:

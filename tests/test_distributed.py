@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,12 @@ def test_a_rank_killed_mid_scan_stops_the_run_which_resumes_to_the_same_files(
     resumed = torchrun(*args, "--resume", cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_scan_files(one_process_scan, cwd / "killed")
+    import json
+
+    timing = [
+        json.loads((d / "timing.json").read_text()) for d in (one_process_scan, cwd / "killed")
+    ]
+    assert timing[1]["tokens_scanned_now"] < timing[0]["tokens_scanned_now"]  # shards reused
 
 
 def test_a_linear_lens_fitted_on_two_ranks_equals_the_one_process_fit(texts_file):
@@ -174,7 +181,21 @@ def test_a_tuned_lens_trained_on_two_ranks_matches_the_one_process_heldout_kl(tm
     assert settings[0]["tokens"] == settings[1]["tokens"]  # the same texts, split over ranks
     assert settings[1]["ranks"] == 2 and "ranks" not in settings[0]
     kl_one, kl_two = (sum(s["heldout_kl"]) / len(s["heldout_kl"]) for s in settings)
-    assert abs(kl_two - kl_one) <= 0.02 * kl_one, (kl_one, kl_two)
+    assert abs(kl_two - kl_one) <= 0.02 * kl_one, (kl_one, kl_two)  # the issue's criterion
+    # Every row of each batch is used (tokens_per_layer > rows), so the rank-weighted gradient
+    # average is the one-process gradient: the trained translators' held-out KL after the last
+    # step (before the per-layer best-checkpoint choice) agrees layer by layer, and training
+    # moved it by far more than that agreement.
+    import pandas as pd
+
+    last = [
+        pd.read_csv(tmp_path / n / "training_history.csv").query("step == 6")["heldout_kl"]
+        for n in ("tuned-one", "tuned-two")
+    ]
+    start = pd.read_csv(tmp_path / "tuned-one" / "training_history.csv").query("step == 0")
+    np.testing.assert_allclose(last[1].to_numpy(), last[0].to_numpy(), rtol=1e-4)
+    moved = np.abs(last[0].to_numpy() - start["heldout_kl"].to_numpy())
+    assert moved.mean() > 10 * 1e-4 * start["heldout_kl"].mean(), moved.mean()
 
 
 def test_lens_metrics_on_two_ranks_equal_the_one_process_metrics(texts_file):
@@ -271,7 +292,7 @@ def test_the_normal_equations_all_reduce_to_the_one_process_sums(tmp_path):
     out = tmp_path / "solution.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     run = subprocess.run(
-        [*command, "2", str(script), str(out)], env=ENV, capture_output=True, text=True
+        [*command, "2", str(script), str(out)], env=ENV, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
     n, weight, bias = torch.load(out)

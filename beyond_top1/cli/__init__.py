@@ -36,11 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if distributed.launched() and args.command not in DATA_PARALLEL_COMMANDS:
-            raise ValueError(
-                f"{args.command} does not run under torchrun yet (data-parallel: "
-                f"{', '.join(DATA_PARALLEL_COMMANDS)}); run it in one process"
-            )
+        if distributed.launched():
+            if args.command not in DATA_PARALLEL_COMMANDS:
+                raise ValueError(
+                    f"{args.command} does not run under torchrun yet (data-parallel: "
+                    f"{', '.join(DATA_PARALLEL_COMMANDS)}); run it in one process"
+                )
+            distributed.ranks()  # the process group (and this rank's GPU) before any model
         return args.run(args)
     except KeyboardInterrupt:
         hint = getattr(args, "on_interrupt", None)

@@ -45,7 +45,9 @@ def _scan_and_lens(args: argparse.Namespace, model, folder: OutputFolder):
         batch_size=args.batch_size,
     )
     # a scan folder inside this one (under torchrun rank 0 holds ``folder`` and records it)
-    target = folder.claim("scan") if folder is not None else Path(args.out) / "scan"
+    target = distributed.run_checked(
+        lambda: folder.claim("scan") if folder is not None else Path(args.out) / "scan"
+    )
     return scan_task.run(model, config, target, lens=lens, resume=True), lens
 
 

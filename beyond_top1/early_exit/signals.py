@@ -99,7 +99,9 @@ class ExitSignals:
                 "model_name": settings.get("model_name"),
                 "lenses": {name: kinds.get(name, name) for name in result.lens_names},
                 "precision": settings.get("precision"),
-                "rows_reread_in_fp32": result.info.get("rows_reread_in_fp32", 0),
+                "rows_reread_in_fp32": result.info.get(
+                    "rows_reread_in_fp32", result.info.get("positions_reread_in_fp32", 0)
+                ),  # (scans saved before rows were counted: positions, each of L rows)
                 "batch_size": settings.get("batch_size"),
                 "max_len": settings.get("max_len"),
                 "score_first": settings.get("score_first"),

@@ -315,6 +315,7 @@ def _train(
     """
     settings = settings or TunedLensTraining()
     settings = TunedLensTraining(**{**asdict(settings), **overrides})
+    _check_ranks(settings, distributed.ranks())  # before the linear init and held-out pass
     clock = _Clock(settings.clock)
     texts = text_list(texts)
     if heldout_texts is None:
@@ -393,16 +394,22 @@ def _check_ranks(settings: TunedLensTraining, where: distributed.Ranks) -> None:
         raise ValueError("time_limit_s does not work under torchrun: give max_steps instead")
 
 
-def _all_reduce_mean(parameters: list[nn.Parameter], where: distributed.Ranks) -> None:
-    """Average the gradients over ranks in one all-reduce (what DDP does), so every rank
-    takes the same optimizer step and the translators stay identical."""
+def _all_reduce_mean(parameters: list[nn.Parameter], n_rows: int, n_tokens: int, where) -> int:
+    """Average the gradients over ranks, weighted by each rank's rows (one all-reduce, what
+    DDP does), so every rank takes the same optimizer step, the translators stay identical,
+    and the step is the one process's whenever every row of the batch is used. Returns the
+    step's tokens over all ranks."""
     if not where.active:
-        return
+        return n_tokens
     grads = [p.grad for p in parameters]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    distributed.all_reduce_sum(flat, where).div_(where.world_size)
+    counts = grads[0].new_tensor([n_rows, n_tokens])
+    flat = torch.cat([*(g.reshape(-1) * n_rows for g in grads), counts])
+    distributed.all_reduce_sum(flat, where)
+    rows, tokens = float(flat[-2]), int(round(float(flat[-1])))
+    flat = flat[:-2] / rows
     for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
         g.copy_(part.view_as(g))
+    return tokens
 
 
 def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
@@ -412,7 +419,6 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
     and steps as one process) and the gradients are averaged over ranks before each step.
     """
     where = distributed.ranks()
-    _check_ranks(settings, where)
     generator = torch.Generator().manual_seed(settings.seed + where.rank)
     order = list(range(len(texts)))
     random.Random(settings.seed).shuffle(order)
@@ -468,7 +474,6 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
         if limit is not None and clock() + step_seconds + eval_seconds > limit:
             break  # this step and an evaluation would overrun the time limit
         step += 1
-        tokens_seen += len(batch)
         with torch.no_grad():
             target = _Target(lens(batch.at(L - 1), L - 1).float().log_softmax(-1))
         optimizer.zero_grad(set_to_none=True)
@@ -484,7 +489,7 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
             )
             loss.backward()
             total += loss.item()
-        _all_reduce_mean([*weights, *biases], where)
+        tokens_seen += _all_reduce_mean([*weights, *biases], n, len(batch), where)
         optimizer.step()
         bar.update(1)
         bar.set_postfix(train_kl=f"{total / len(layers):.3f}")
@@ -501,7 +506,6 @@ def _optimise(model, lens, layers, texts, heldout, settings, clock, progress):
         history.append(_history_rows(step, tokens_seen, clock, layers, kl))
     bar.close()
     lens.load_state_dict(best_state)
-    tokens_seen = sum(distributed.all_gather(tokens_seen, where))
     return history, step, tokens_seen, best_kl
 
 

@@ -362,8 +362,9 @@ ROW_GROUP_ROWS = 1 << 16  # saturation.parquet row groups: the unit a lazy reade
 
 def scan_dataset(directory: str | Path):
     """``saturation.parquet`` of a scan folder as a ``pyarrow.dataset.Dataset``: filter,
-    project and iterate it (``.to_batches(columns=[...])``) without loading the table; one
-    row group is 65,536 positions."""
+    project and iterate it (``.to_batches(columns=[...])``) without loading the table. Scans
+    written since row groups were introduced hold 65,536 positions per row group (older ones
+    one row group of up to ~1M positions, which a lazy read loads at once)."""
     import pyarrow.dataset as ds
 
     path = Path(directory) / SATURATION_FILE
@@ -378,8 +379,14 @@ def scan_ordering(directory: str | Path, **kwargs) -> OrderingStats:
     the same numbers as ``load_scan(directory).ordering(**kwargs)``)."""
     dataset = scan_dataset(directory)
     columns = s_columns(dataset.schema.names)
-    summary = json.loads((Path(directory) / SUMMARY_FILE).read_text())
-    n_layers = int(summary["settings"]["n_layers"])
+    try:
+        summary = json.loads((Path(directory) / SUMMARY_FILE).read_text(encoding="utf-8"))
+        n_layers = int(summary["settings"]["n_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ScanFileError(
+            f"{directory} has no readable {SUMMARY_FILE} with the model's n_layers: is it a "
+            "finished scan folder?"
+        ) from None
     accumulator = OrderingAccumulator(len(columns), n_layers, **kwargs)
     for batch in dataset.to_batches(columns=columns, batch_size=ROW_GROUP_ROWS):
         values = np.stack([batch.column(c).to_numpy() for c in columns], axis=1)

@@ -390,9 +390,12 @@ def _merged_timing(timings: list[dict]) -> dict:
     }
 
 
+def _n_batches(settings: dict) -> int:
+    return -(-settings["n_texts"] // settings["batch_size"])
+
+
 def _shard_indices(settings: dict) -> range:
-    n_batches = -(-settings["n_texts"] // settings["batch_size"])
-    return range(-(-n_batches // settings["shard_batches"]))
+    return range(-(-_n_batches(settings) // settings["shard_batches"]))
 
 
 def _run_shards(
@@ -403,7 +406,7 @@ def _run_shards(
     ``store`` are loaded (or, without ``keep_parts``, just skipped), new ones written there.
     Returns ``{shard index: its batches' parts}`` and the timing."""
     L, k, shard_batches = settings["n_layers"], settings["k"], settings["shard_batches"]
-    n_batches = -(-settings["n_texts"] // settings["batch_size"])
+    n_batches = _n_batches(settings)
     mine = [i for i in _shard_indices(settings) if i % where.world_size == where.rank]
     shards: dict[int, list[dict] | None] = {}
     for index in mine if store else ():  # finished shards are never recomputed

@@ -98,21 +98,23 @@ def run(
             heldout = TaskProbe(C=config.C).fit(data.subset(np.flatnonzero(first_half)))
     except ValueError as exc:
         raise AnalysisUnavailable(f"task probe: {exc}") from None
-    if out is None or not distributed.ranks().is_main:  # under torchrun, rank 0 writes
-        distributed.check()
-        return ProbeOutcome(data, cv, probe, heldout)
-    with output_folder(out, KIND) as folder:
-        probe.save(folder.claim(PROBE_FILE))
-        if heldout is not None:
-            heldout.save(folder.claim(HELDOUT_PROBE_FILE))
-        folder.write_csv(FOLDS_FILE, cv.folds)
-        folder.write_csv(PER_CLASS_FILE, cv.per_class)
-        folder.write_csv(PER_LAYER_FILE, cv.per_layer)
-        folder.write_csv(ROWS_FILE, data.counts().reset_index())
-        folder.write_json(CV_FILE, {"dataset": data.summary(), "cv": cv.summary()})
-        plot = plot_probe_per_layer(cv.per_layer, chance=1 / data.k, min_n=5)
-        figure(folder, plot, FIGURE)
-    distributed.check()
+
+    def write() -> None:  # under torchrun, rank 0 writes; a failure reaches every rank
+        if out is None or not distributed.ranks().is_main:
+            return
+        with output_folder(out, KIND) as folder:
+            probe.save(folder.claim(PROBE_FILE))
+            if heldout is not None:
+                heldout.save(folder.claim(HELDOUT_PROBE_FILE))
+            folder.write_csv(FOLDS_FILE, cv.folds)
+            folder.write_csv(PER_CLASS_FILE, cv.per_class)
+            folder.write_csv(PER_LAYER_FILE, cv.per_layer)
+            folder.write_csv(ROWS_FILE, data.counts().reset_index())
+            folder.write_json(CV_FILE, {"dataset": data.summary(), "cv": cv.summary()})
+            plot = plot_probe_per_layer(cv.per_layer, chance=1 / data.k, min_n=5)
+            figure(folder, plot, FIGURE)
+
+    distributed.run_checked(write)
     return ProbeOutcome(data, cv, probe, heldout)
 
 
