@@ -68,8 +68,9 @@ KEEPS = ("all", "saturation")
 
 def _read_lens(lens: Lens, resid, k: int, precision: str, n_candidates: int):
     """One lens' read-out of ``resid [T, L, d]``; with bf16 proposals, the (position, layer)
-    rows whose ``p_1 - p_2`` bound exceeds :data:`MARGIN_TOLERANCE` are read again in fp32 (the
-    bf16 log-normaliser is bounded only to ~0.02 nats). Returns the arrays and that count."""
+    rows whose ``p_1 - p_2`` could differ from an fp32 read-out's by more than
+    :data:`MARGIN_TOLERANCE` are read again in fp32 (the part of the log-normaliser left in bf16,
+    :attr:`~beyond_top1.ranking.TopKReadout.bf16_error`). Returns the arrays and that count."""
     L = lens.n_layers
     readout = lens_topk(
         lens, resid, tuple(range(L)), k, precision=precision, n_candidates=n_candidates
