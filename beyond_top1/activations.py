@@ -88,12 +88,16 @@ def stream_residuals(
     """
     layers = resolve_layers(model, layers)
     device = hooked.model_device(model)
+
+    def runs(index: int) -> bool:
+        return index >= skip_batches and (select is None or select(index))
+
     total = len(texts) if hasattr(texts, "__len__") else None
-    if total is not None and select is not None:
+    if total is not None and select is not None:  # the bar counts the texts this call runs
         total = sum(
             min(batch_size, total - start)
             for index, start in enumerate(range(0, total, batch_size))
-            if index >= skip_batches and select(index)
+            if runs(index)
         )
     bar = tqdm(total=total, unit="text", desc="forward", disable=not progress, leave=False)
     try:
@@ -101,11 +105,11 @@ def stream_residuals(
             model, texts, batch_size=batch_size, max_len=max_len, score_first=score_first
         )
         for index, batch in enumerate(batches):
-            if index < skip_batches or (select is not None and not select(index)):
-                if select is None:
-                    bar.update(len(batch.text_ids))
+            ran = runs(index)
+            if ran or select is None:  # batches skipped on resume count as done
+                bar.update(len(batch.text_ids))
+            if not ran:
                 continue
-            bar.update(len(batch.text_ids))
             tokens = batch.tokens.to(device)
             resid = hooked.run_with_residuals(model, tokens, layers)
             scored = batch.scored.to(device)

@@ -20,8 +20,8 @@ not change the order.
 2. ``τ``, the k-th largest lower bound ``v_j - e_j``, is at most the k-th largest ``E``. Every
    token with ``v_j + e_j >= τ`` is a candidate; no other token can be in the top k or tie one.
 3. bf16 only: the ``ceil(n_candidates / 64) + k + 3`` vocabulary blocks of 64 entries with the
-   largest upper bounds are read again in fp32 (batched matrix-vector products over the
-   gathered blocks, ~1% of the vocabulary); their fp32 logits, with the fp32 bound, prune the
+   largest upper bounds are read again in fp32 (one small GEMM per distinct block over the rows
+   that chose it, ~1% of the vocabulary); their fp32 logits, with the fp32 bound, prune the
    candidates again and replace their bf16 terms in the log-normaliser. Rows where a token
    outside those blocks could reach ``τ`` are read in fp32 whole.
 4. If exactly k candidates remain and their intervals ``[v - e, v + e]`` are disjoint, their
@@ -179,6 +179,7 @@ class _Unembedding:
     softcap: float = -1.0
     weight16: Tensor | None = None  # bf16 copy
     weight_blocks: Tensor | None = None  # [blocks, BLOCK, d_model] fp32 (zero-padded rows)
+    bias_blocks: Tensor | None = None  # [blocks, BLOCK] fp32 (zero-padded)
     col_norm16: Tensor | None = None  # ‖bf16(W_j)‖, rounded up
     col_error: Tensor | None = None  # ‖W_j - bf16(W_j)‖ + γ‖W_j‖, rounded up
 
@@ -225,6 +226,9 @@ class _Unembedding:
             weight_t = torch.zeros(padded, d, dtype=weight.dtype, device=weight.device)
             weight_t[: weight.shape[1]] = weight.t()
             out.weight_blocks = weight_t.view(padded // BLOCK, BLOCK, d)
+            bias_t = torch.zeros(padded, dtype=bias.dtype, device=bias.device)
+            bias_t[: weight.shape[1]] = bias
+            out.bias_blocks = bias_t.view(padded // BLOCK, BLOCK)
             out.col_norm16 = (w16.double().norm(dim=0) * _SAFETY).float()
             error = (weight.double() - w16.double()).norm(dim=0) + gamma * norm
             out.col_error = (error * _SAFETY).float()
@@ -584,9 +588,7 @@ def _block_logits(
     out[order] = values
     out = out.view(rows, n * BLOCK)
     if emb.has_bias:
-        bias = torch.zeros(weights.shape[0] * BLOCK, device=normed.device)
-        bias[: emb.vocab] = emb.bias
-        out += bias.view(-1, BLOCK)[block_index].flatten(1)
+        out += emb.bias_blocks[block_index].flatten(1)
     return out
 
 

@@ -273,6 +273,13 @@ def _places(s: Tensor, k_kept: Tensor) -> tuple[Tensor, Tensor]:
     return less + (equal + 1) / 2, valid
 
 
+def _place_sums(s: Tensor, k_kept: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per rank: kept positions, the sum of their places, and how many sit in place."""
+    place, valid = _places(s, k_kept)
+    ranks = torch.arange(1, s.shape[1] + 1, dtype=torch.float64)
+    return valid.sum(0), torch.where(valid, place, 0.0).sum(0), (valid & (place == ranks)).sum(0)
+
+
 def _correspondence_frame(n, place_sum, in_place) -> pd.DataFrame:
     rows = []
     for j, (count, total, hits) in enumerate(zip(n, place_sum, in_place, strict=True)):
@@ -295,14 +302,7 @@ def rank_correspondence(s: Int[Tensor, "n k"], k_kept: Int[Tensor, " n"]) -> pd.
     place). Returns one row per rank: ``rank, n, mean_place, frac_in_place`` (the fraction whose
     place equals its rank). Perfect order gives ``mean_place = rank``.
     """
-    s = _as_tensor(s)
-    place, valid = _places(s, _as_tensor(k_kept))
-    ranks = torch.arange(1, s.shape[1] + 1, dtype=torch.float64)
-    return _correspondence_frame(
-        valid.sum(0),
-        torch.where(valid, place, 0.0).sum(0),
-        (valid & (place == ranks)).sum(0),
-    )
+    return _correspondence_frame(*_place_sums(_as_tensor(s), _as_tensor(k_kept)))
 
 
 def _distribution_frame(counts: Tensor, n_layers: int) -> pd.DataFrame:
@@ -404,11 +404,10 @@ class OrderingAccumulator:
         self.tau_sum += float(tau.sum())
         self.tau_square_sum += float(tau.pow(2).sum())
         self.n_ordered += int((tau == 1.0).sum())
-        place, valid = _places(s_kept, k_kept)
-        ranks = torch.arange(1, self.k + 1, dtype=torch.float64)
-        self.place_n += valid.sum(0)
-        self.place_sum += torch.where(valid, place, 0.0).sum(0)
-        self.in_place += (valid & (place == ranks)).sum(0)
+        n, place_sum, in_place = _place_sums(s_kept, k_kept)
+        self.place_n += n
+        self.place_sum += place_sum
+        self.in_place += in_place
         for convention in NULL_CONVENTIONS:
             generator = _block_generator(self.seed, index)  # the same draws as permutation_null
             sums, counts = _null_sums(

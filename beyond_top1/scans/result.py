@@ -271,11 +271,22 @@ class ShardStore:
         store.shards, store.complete = store.directory / SHARDS_DIR, False
         return store
 
+    def _path(self, index: int) -> Path:
+        return self.shards / f"shard-{index:05d}.safetensors"
+
+    def is_finished(self, index: int) -> bool:
+        """Whether shard ``index`` is on disk, from its header only (shards are written
+        atomically, once all their batches are done)."""
+        try:
+            with safetensors.safe_open(str(self._path(index)), framework="numpy") as f:
+                return "n_parts" in f.keys()
+        except Exception:  # noqa: BLE001 - missing or torn: redo it
+            return False
+
     def load(self, index: int) -> list[dict] | None:
         """The batches of shard ``index``, or ``None`` when it is missing or torn (redo it)."""
-        path = self.shards / f"shard-{index:05d}.safetensors"
         try:
-            arrays = safetensors.numpy.load_file(str(path))
+            arrays = safetensors.numpy.load_file(str(self._path(index)))
             n_parts = int(arrays.pop("n_parts")[0])
         except Exception:  # noqa: BLE001 - missing or torn: redo it
             return None
@@ -292,7 +303,7 @@ class ShardStore:
         }
         arrays["n_parts"] = np.array([len(parts)], dtype=np.int64)
         data = safetensors.numpy.save(arrays)
-        atomic_write_bytes(self.shards / f"shard-{index:05d}.safetensors", data)
+        atomic_write_bytes(self._path(index), data)
 
     def finish(self, timing: dict) -> None:
         self.folder.write_json(TIMING_FILE, timing)

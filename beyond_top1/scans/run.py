@@ -411,9 +411,11 @@ def _run_shards(
     mine = [i for i in _shard_indices(settings) if i % where.world_size == where.rank]
     shards: dict[int, list[dict] | None] = {}
     for index in mine if store else ():  # finished shards are never recomputed
-        parts = store.load(index)
-        if parts is not None:
-            shards[index] = parts if keep_parts else None
+        if not keep_parts:  # (rank 0 reads them at the merge)
+            if store.is_finished(index):
+                shards[index] = None
+        elif (parts := store.load(index)) is not None:
+            shards[index] = parts
     todo = set(mine) - set(shards)
     start = time.perf_counter()
     n_tokens = 0
