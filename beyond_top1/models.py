@@ -131,8 +131,9 @@ def load_model(
         n_ctx: context length (SmolLM2: default 2048, the checkpoint allows 8192; hub and
             folder models: the config's unless given).
         device_map, n_devices: place a hub or folder model over several devices
-            (TransformerLens 4 only; passed to ``TransformerBridge.boot_transformers``; not
-            tested here, where no machine has several GPUs).
+            (TransformerLens 4 only; passed to ``TransformerBridge.boot_transformers``, which
+            hands them to Hugging Face's loader). Tested with a one-device map on a CPU;
+            placement over several GPUs is untested (no such machine was available).
         prepend_bos: whether text gets a BOS token (``cfg.default_prepend_bos``). Default:
             TransformerLens' choice for hub and folder models (usually ``True``), ``False`` for
             the offline models (SmolLM2's tokenizer adds none, and the model was run that way).

@@ -3,7 +3,9 @@
 The references are one-process runs of the same command: scan folders must be byte-identical
 (their timing aside), a linear lens equal within float64 round-off. A rank that raises stops
 every rank with its message; a rank killed mid-scan stops the run, which then resumes to the
-same files.
+same files. Tests that launch the model on two ranks more than once a test (lenses, probes,
+a finished or foreign folder) are marked slow: ``bash scripts/test.sh -m slow`` runs them
+(about 9 minutes on a 2-core AMD EPYC).
 """
 
 from __future__ import annotations
@@ -77,6 +79,57 @@ def test_a_scan_on_two_ranks_writes_the_files_of_one_process(texts_file, one_pro
     assert '"ranks": 2' in (cwd / "two" / "timing.json").read_text()
 
 
+@pytest.mark.slow
+def test_a_finished_folder_resumes_as_it_is_and_a_foreign_one_is_refused(
+    texts_file, one_process_scan, tmp_path
+):
+    """Under torchrun, ``--resume`` on a finished scan folder loads it (nothing rewritten), and
+    rank 0's refusal of a folder holding someone else's file reaches the user as one clear
+    message, no traceback, on every rank."""
+    cwd = texts_file.parent
+    before = {p.name: p.stat().st_mtime_ns for p in one_process_scan.iterdir()}
+    run = torchrun(*SCAN, "--texts-file", str(texts_file), "--out", "one", "--resume", cwd=cwd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in one_process_scan.iterdir()} == before
+    (tmp_path / "notes.txt").write_text("mine")
+    run = torchrun(*SCAN, "--texts-file", str(texts_file), "--out", str(tmp_path), cwd=cwd)
+    assert run.returncode != 0
+    assert run.stderr.count("beyond-top1 did not write") >= 1, run.stderr[-3000:]
+    assert "beyond_top1/" not in run.stderr  # no traceback of ours (torchrun prints its own)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+PROBE_RUNS = ("probe-one", "probe-two")
+
+
+@pytest.mark.slow
+def test_the_probe_command_on_two_ranks_writes_the_files_of_one_process(texts_file):
+    """``probe`` end to end: its scan into ``OUT/scan`` and the dataset extraction shard over
+    the ranks, rank 0 fits and writes; the files equal a one-process run's."""
+    cwd = texts_file.parent
+    args = ["probe", "--texts-file", str(texts_file), "--max-len", "20", "--batch-size", "2"]
+    args += ["--k", "2", "--scan-k", "3", "--min-layer", "20", "--folds", "2"]
+    one = beyond_top1(*args, "--out", "probe-one", cwd=cwd)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(*args, "--out", "probe-two", cwd=cwd)
+    assert two.returncode == 0, two.stderr[-3000:]
+    names = ("cv.json", "cv_folds.csv", "cv_per_layer.csv", "cv_per_class.csv")
+    for name in (*names, "rows_per_layer.csv"):
+        assert (cwd / "probe-one" / name).read_bytes() == (cwd / "probe-two" / name).read_bytes()
+    # the probe file: the same arrays and metadata (the safetensors library orders a header's
+    # metadata differently from one process to the next, so not the same bytes)
+    from safetensors import safe_open
+
+    files = [safe_open(str(cwd / run / "probe.safetensors"), "numpy") for run in PROBE_RUNS]
+    assert files[0].metadata() == files[1].metadata()
+    assert sorted(files[0].keys()) == sorted(files[1].keys())
+    for key in files[0].keys():
+        assert np.array_equal(files[0].get_tensor(key), files[1].get_tensor(key)), key
+    same_scan_files(cwd / "probe-one" / "scan", cwd / "probe-two" / "scan")
+    assert two.stdout.count("wrote ") == 1
+
+
 def _rank_pid(parent: int, rank: int) -> int | None:
     """The pid of the torchrun worker with ``RANK=rank`` started by the launcher ``parent``."""
     for entry in Path("/proc").iterdir():
@@ -136,6 +189,7 @@ def test_a_rank_killed_mid_scan_stops_the_run_which_resumes_to_the_same_files(
     assert timing[1]["tokens_scanned_now"] < timing[0]["tokens_scanned_now"]  # shards reused
 
 
+@pytest.mark.slow
 def test_a_linear_lens_fitted_on_two_ranks_equals_the_one_process_fit(texts_file):
     from beyond_top1 import load_model
     from beyond_top1.lenses import load_lens
@@ -158,6 +212,7 @@ def test_a_linear_lens_fitted_on_two_ranks_equals_the_one_process_fit(texts_file
         assert float((x.double() - y.double()).abs().max() / scale) <= 1e-6, name
 
 
+@pytest.mark.slow
 def test_a_tuned_lens_trained_on_two_ranks_matches_the_one_process_heldout_kl(tmp_path):
     """Same global batch (4 texts: 2 per rank) and steps; gradients averaged over ranks."""
     from beyond_top1.data import wiki_texts
@@ -199,6 +254,7 @@ def test_a_tuned_lens_trained_on_two_ranks_matches_the_one_process_heldout_kl(tm
     assert moved > 10 * np.abs(last[1] - last[0]).max(), moved
 
 
+@pytest.mark.slow
 def test_lens_metrics_on_two_ranks_equal_the_one_process_metrics(texts_file):
     import pandas as pd
 
@@ -239,6 +295,7 @@ if where.is_main:
 """
 
 
+@pytest.mark.slow
 def test_probe_rows_and_submodule_maps_on_two_ranks_equal_one_process(texts_file, tmp_path):
     """The Python API under torchrun: an in-memory scan (gathered), probe rows (extracted per
     rank, all-reduced), sub-module maps and quality-of-fit maps (normal equations and squared

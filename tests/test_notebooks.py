@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/ runs top to bottom (headless, small settings).
+"""Every notebook in notebooks/ runs top to bottom (headless, small settings); the two
+longest run with the slow tests (``bash scripts/test.sh -m slow``).
 
 Each notebook reads ``BEYOND_TOP1_NOTEBOOK_SCALE``; ``test`` means a handful of short texts.
 The kernel is this interpreter's (a kernelspec written to a temporary ``JUPYTER_PATH``), with
@@ -46,7 +47,14 @@ def kernel_env(tmp_path_factory):
     return notebook_runs.kernel_env(tmp_path_factory.mktemp("jupyter"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+SLOW_NOTEBOOKS = ("03_probes_interventions", "05_lenses_and_replacement")  # ~2.5 min each (AMD)
+RUNS = [
+    pytest.param(path, marks=[pytest.mark.slow] if path.stem in SLOW_NOTEBOOKS else [])
+    for path in NOTEBOOKS
+]
+
+
+@pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path, kernel_env, tmp_path, monkeypatch):
     """Every notebook runs; figures display without ``%matplotlib inline`` (no notebook has
     it) and no output holds a TqdmWarning or a requires-grad warning."""

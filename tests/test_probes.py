@@ -288,6 +288,17 @@ def test_probe_save_load_round_trip_and_errors(tiny6, texts, tmp_path):
     assert loaded.metadata_["layers"] == list(range(L_TINY))
     assert loaded.metadata_["k"] == 3
     assert loaded.metadata_["unembedding_fingerprint"] == hooked.unembedding_fingerprint(tiny6)
+    # the same probe, the same bytes (the safetensors library orders metadata at random), and
+    # the library reads the file: arrays, dtypes and metadata
+    from safetensors import safe_open
+
+    again = [probe.save(tmp_path / f"again{i}").read_bytes() for i in range(4)]
+    assert all(raw == path.read_bytes() for raw in again)
+    with safe_open(str(path), "numpy") as f:
+        assert f.metadata()["format"] == "beyond-top1-task-probe"
+        for name in ("coef_", "intercept_", "classes_", "mean_", "scale_"):
+            np.testing.assert_array_equal(f.get_tensor(name), getattr(probe, name))
+            assert f.get_tensor(name).dtype == np.asarray(getattr(probe, name)).dtype
     # another model
     with pytest.raises(ProbeFileError, match="fit a probe for this model"):
         load_probe(path, make_tiny_model(n_layers=L_TINY, seed=5))

@@ -101,9 +101,9 @@ def test_scan_matches_stream_and_model(tiny_model):
 
 
 def test_scan_writes_identical_files_and_resumes(tiny_model, tmp_path, monkeypatch):
-    import beyond_top1.scans.result as result_module
+    import beyond_top1.scans.files as files_module
 
-    monkeypatch.setattr(result_module, "ROW_GROUP_ROWS", 7)  # several row groups to read lazily
+    monkeypatch.setattr(files_module, "ROW_GROUP_ROWS", 7)  # several row groups to read lazily
     kwargs = dict(k=3, batch_size=2, max_len=12, progress=False, shard_batches=1)
     full = scan(tiny_model, TEXTS, out=tmp_path / "full", **kwargs)
     again = scan(tiny_model, TEXTS, out=tmp_path / "again", **kwargs)
@@ -163,3 +163,82 @@ def test_scan_errors(tiny_model, tmp_path):
         scan(tiny_model, TEXTS, out=tmp_path / "junk", progress=False)
     with pytest.raises(ScanFileError, match="no scan folder"):
         load_scan(tmp_path / "missing")
+
+
+def test_files_do_not_depend_on_batching_and_load_lazily(tiny_model, tmp_path, monkeypatch):
+    """A scan written from its shards batch by batch and the same scan saved whole from memory
+    are the same bytes; the arrays file is a valid safetensors file (read back by the
+    safetensors library) and ``load_scan`` memory-maps it copy-on-write."""
+    import safetensors.numpy
+
+    import beyond_top1.scans.files as files_module
+
+    monkeypatch.setattr(files_module, "ROW_GROUP_ROWS", 5)  # row groups straddle the batches
+    kwargs = dict(k=3, batch_size=2, max_len=12, progress=False)
+    streamed = scan(tiny_model, TEXTS, out=tmp_path / "streamed", shard_batches=1, **kwargs)
+    whole = scan(tiny_model, TEXTS, **kwargs)
+    whole.settings["shard_batches"] = 1  # (the settings of the run that wrote `streamed`)
+    whole.save(tmp_path / "whole")
+    for name in ("saturation.parquet", "trajectories.safetensors", "summary.json", "texts.jsonl"):
+        written = [(tmp_path / folder / name).read_bytes() for folder in ("streamed", "whole")]
+        assert written[0] == written[1], name
+
+    path = tmp_path / "streamed" / "trajectories.safetensors"
+    by_library = safetensors.numpy.load_file(str(path))
+    assert sorted(by_library) == ["final_ranks", "resid_cos", "top_ids", "top_logprobs"]
+    for name, array in by_library.items():
+        np.testing.assert_array_equal(array, getattr(whole, name))
+        assert array.dtype == getattr(whole, name).dtype
+    assert isinstance(streamed.top_ids, np.memmap)
+    streamed.top_ids[0, 0, 0] = -7  # a private copy: the file keeps its bytes
+    assert load_scan(tmp_path / "streamed").top_ids[0, 0, 0] == whole.top_ids[0, 0, 0] != -7
+
+    # a file written by the safetensors library (scans saved before this writer) maps too
+    legacy = {"a": np.arange(12, dtype=np.int32).reshape(3, 4), "b": np.zeros((0, 2), np.float32)}
+    safetensors.numpy.save_file(legacy, str(tmp_path / "legacy.safetensors"))
+    mapped = files_module.map_safetensors(tmp_path / "legacy.safetensors")
+    np.testing.assert_array_equal(mapped["a"], legacy["a"])
+    assert mapped["b"].shape == (0, 2)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{}")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        files_module.map_safetensors(tmp_path / "bad.safetensors")
+
+
+def test_writing_a_scan_holds_one_piece_at_a_time(tmp_path):
+    """Memory while writing is flat in the number of positions: 60 pieces of 1,000 positions
+    (~108 MB of arrays in all, never built whole) are written with a peak of a few pieces."""
+    import tracemalloc
+
+    import pandas as pd
+
+    from beyond_top1.fileio import OutputFolder
+    from beyond_top1.scans import ScanResult
+    from beyond_top1.scans.files import write_scan_files
+
+    n, L, k, n_pieces = 1000, 30, 5, 60
+    settings = {"n_layers": L, "k": k, "model_name": "synthetic"}
+
+    def piece(i):
+        g = np.random.default_rng(i)
+        frame = pd.DataFrame({"text_id": np.full(n, i), "pos": np.arange(n)})
+        for j in range(1, k + 1):
+            frame[f"s_{j}"] = g.integers(0, L, n)
+        ids = g.integers(0, 50, (n, L, k)).astype(np.int32)
+        return ScanResult(frame, ids, ids + 1, ids.astype(np.float32), ids[:, :, 0] * 0.5, settings)
+
+    one_piece = sum(a.nbytes for a in (piece(0).top_ids,) * 3) + piece(0).resid_cos.nbytes
+    with OutputFolder(tmp_path / "big", "scan") as folder:
+        tracemalloc.start()
+        write_scan_files(folder, lambda: (piece(i) for i in range(n_pieces)), settings, None)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    print(f"peak {peak / 1e6:.1f} MB, one piece {one_piece / 1e6:.1f} MB")
+    assert peak < 8 * one_piece < n_pieces * one_piece / 5, (peak, one_piece)
+    loaded = load_scan(tmp_path / "big")
+    assert len(loaded) == n * n_pieces
+    np.testing.assert_array_equal(loaded.top_ids[-n:], piece(n_pieces - 1).top_ids)
+    np.testing.assert_array_equal(loaded.resid_cos[:n], piece(0).resid_cos)
+    s = np.concatenate([piece(i).saturation_array() for i in range(n_pieces)])
+    summary = __import__("json").loads((tmp_path / "big" / "summary.json").read_text())
+    assert summary["mean_saturation_layer"] == s.mean(0).tolist()
+    assert summary["n_positions"] == n * n_pieces and summary["n_texts_with_positions"] == n_pieces

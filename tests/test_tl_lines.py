@@ -123,6 +123,37 @@ def test_folder_as_path_bos_override_and_missing_tokenizer(gpt2_folder, tmp_path
         bt.load_model(bare)
 
 
+@pytest.mark.skipif(not TL4, reason="device_map / n_devices are TransformerLens 4's")
+def test_device_map_reaches_the_bridge_and_scans_the_same(gpt2_folder, monkeypatch):
+    """``device_map`` goes to ``TransformerBridge.boot_transformers`` (and from there to
+    Hugging Face's loader) instead of ``device``; a model placed by a map on this CPU scans to
+    the same ids and log-probs as one loaded with ``device="cpu"``. (Placing over several GPUs
+    is not tested here: no machine with several was available.)"""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from beyond_top1.models import UnknownModelError
+
+    texts = ["Paris is the capital of France, and Rome is the capital of Italy."]
+    plain = bt.scan(bt.load_model(gpt2_folder), texts, k=3, progress=False)
+    boot, seen = TransformerBridge.boot_transformers, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return boot(*args, **kwargs)
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", spy)
+    placed = bt.load_model(gpt2_folder, device_map={"": "cpu"})
+    assert seen[-1]["device_map"] == {"": "cpu"} and "device" not in seen[-1]
+    mapped = bt.scan(placed, texts, k=3, progress=False)
+    assert (mapped.top_ids == plain.top_ids).all()
+    torch.testing.assert_close(mapped.top_logprobs, plain.top_logprobs, rtol=0, atol=1e-5)
+    if not torch.cuda.is_available():
+        with pytest.raises(UnknownModelError, match="n_devices=2 requires CUDA"):
+            bt.load_model(gpt2_folder, n_devices=2)
+    with pytest.raises(ValueError, match="fits one device"):
+        bt.load_model("smollm2-135m", device_map="auto")
+
+
 @pytest.mark.skipif(not TL4, reason="Hugging Face folders load on TransformerLens 4")
 def test_a_model_that_is_not_causal_is_refused(tmp_path):
     from transformers import BertConfig, BertForMaskedLM

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Float, Int
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
@@ -23,6 +23,7 @@ from torch import Tensor
 from beyond_top1 import hooked
 from beyond_top1.fileio import write_signed_file
 from beyond_top1.probes.dataset import TaskDataset, normalise_features
+from beyond_top1.safetensors_file import save_arrays
 
 PROBE_FORMAT = "beyond-top1-task-probe"
 PROBE_FORMAT_VERSION = 1
@@ -268,7 +269,7 @@ def save_probe(probe: TaskProbe, path: str | Path) -> Path:
         "arrays_sha256": _arrays_sha256(arrays),
     }
     return write_signed_file(
-        path, lambda tmp: save_file(arrays, str(tmp), metadata=header), PROBE_FORMAT.encode()
+        path, lambda tmp: save_arrays(tmp, arrays, metadata=header), PROBE_FORMAT.encode()
     )
 
 

@@ -1,9 +1,9 @@
 """Rank trajectories and saturation events over a corpus, streamed (000/001; see
-docs/definitions.md): the one scan loop (:mod:`~beyond_top1.scans.run`) and what it keeps
-(:mod:`~beyond_top1.scans.result`)."""
+docs/definitions.md): the one scan loop (:mod:`~beyond_top1.scans.run`), what it keeps
+(:mod:`~beyond_top1.scans.result`) and its folder (:mod:`~beyond_top1.scans.files`)."""
 
 from beyond_top1.data import texts_fingerprint
-from beyond_top1.scans.result import (
+from beyond_top1.scans.files import (
     FINAL_FILES,
     SATURATION_FILE,
     SETTINGS_FILE,
@@ -13,13 +13,12 @@ from beyond_top1.scans.result import (
     TIMING_FILE,
     TRAJECTORIES_FILE,
     TRAJECTORY_FIELDS,
-    ScanFileError,
-    ScanResult,
     load_scan,
     save_scan,
     scan_dataset,
     scan_ordering,
 )
+from beyond_top1.scans.result import ScanFileError, ScanResult
 from beyond_top1.scans.run import MARGIN_TOLERANCE, scan
 
 __all__ = [

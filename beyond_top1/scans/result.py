@@ -1,41 +1,21 @@
-"""What a scan keeps, and its folder: compact per-position results of one or several lenses
-(optionally a probe's predictions), written as ``saturation.parquet``,
-``trajectories.safetensors``, ``texts.jsonl``, ``summary.json`` and ``settings.json``.
-
-A saturation-only scan (``keep="saturation"``) keeps no per-layer arrays: the same files without
-``trajectories.safetensors`` (further lenses' final top-k and ``s`` go to ``lenses.safetensors``).
-
-A folder records the files beyond-top1 wrote (see :mod:`beyond_top1.fileio`); an interrupted
-run leaves ``shards/``, which ``resume=True`` continues from. Statistics are computed on
-request (:meth:`ScanResult.ordering`), never when saving.
+"""What a scan keeps: compact per-position results of one or several lenses (optionally a
+probe's predictions). A saturation-only scan (``keep="saturation"``) keeps no per-layer arrays.
+Its folder is :mod:`beyond_top1.scans.files`. Statistics are computed on request
+(:meth:`ScanResult.ordering`), never when saving.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-import safetensors
-import safetensors.numpy
 import torch
 from jaxtyping import Float, Int
 
-from beyond_top1.fileio import OutputFolder, atomic_write_bytes, output_folder
-from beyond_top1.saturation import (
-    OrderingAccumulator,
-    OrderingStats,
-    ordering,
-    s_columns,
-    saturation_layers,
-)
+from beyond_top1.saturation import OrderingStats, ordering, saturation_layers
 
 LENS_FIELDS = ("top_ids", "final_ranks", "top_logprobs")
 
@@ -160,7 +140,9 @@ class ScanResult:
         )
 
     def save(self, directory: str | Path) -> Path:
-        """Write the scan's files to ``directory`` (see :func:`save_scan`)."""
+        """Write the scan's files to ``directory`` (see :func:`~beyond_top1.scans.save_scan`)."""
+        from beyond_top1.scans.files import save_scan
+
         return save_scan(self, directory)
 
     def __repr__(self) -> str:
@@ -174,140 +156,6 @@ class ScanResult:
     def _repr_html_(self) -> str:
         head = self.saturation.head(10).to_html(index=False)
         return f"<div><b>{self!r}</b>{head}</div>"
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-SATURATION_FILE = "saturation.parquet"
-TRAJECTORIES_FILE = "trajectories.safetensors"
-LENSES_FILE = "lenses.safetensors"  # saturation-only scans with several lenses
-TEXTS_FILE = "texts.jsonl"
-SUMMARY_FILE = "summary.json"
-SETTINGS_FILE = "settings.json"
-TIMING_FILE = "timing.json"
-SHARDS_DIR = "shards"
-FINAL_FILES = (SATURATION_FILE, TRAJECTORIES_FILE, SUMMARY_FILE)
-TRAJECTORY_FIELDS = ("top_ids", "final_ranks", "top_logprobs", "resid_cos")
-SCAN_KIND = "scan"
-_SCAN_FILES = (SETTINGS_FILE, SHARDS_DIR, SATURATION_FILE, TRAJECTORIES_FILE, SUMMARY_FILE)
-_SCAN_FILES += (TIMING_FILE, TEXTS_FILE, LENSES_FILE)
-
-
-def final_files(settings: dict) -> tuple[str, ...]:
-    """The files a finished scan with ``settings`` has."""
-    if settings.get("keep") == "saturation":
-        return (SATURATION_FILE, SUMMARY_FILE)
-    return FINAL_FILES
-
-
-def legacy_scan_files(directory: Path) -> tuple[str, ...]:
-    """A scan folder written before folders kept a record of their files: its files are the
-    scan's own when ``settings.json`` holds a scan's settings."""
-    try:
-        settings = json.loads((directory / SETTINGS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ()
-    keys = {"model_name", "texts_sha256", "k", "n_layers"}
-    return _SCAN_FILES if isinstance(settings, dict) and keys <= set(settings) else ()
-
-
-class ShardStore:
-    """``out/shards/shard-00012.safetensors``: the finished batches of an interrupted run.
-
-    Opening it checks the folder: a finished scan with these settings is ``complete`` (nothing
-    to do) when resuming; a folder holding a scan refuses a new one unless resuming with the
-    same settings; a folder holding anything beyond-top1 did not write is refused.
-    """
-
-    def __init__(self, folder: OutputFolder, settings: dict, resume: bool):
-        self.folder = folder
-        self.directory = folder.path
-        self.shards = folder.path / SHARDS_DIR
-        settings_path = folder.path / SETTINGS_FILE
-        self.complete = False
-        if settings_path.exists() and folder.owns(SETTINGS_FILE):
-            try:
-                previous = json.loads(settings_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ScanFileError(
-                    f"{settings_path} is corrupt ({exc}); use a new --out"
-                ) from None
-            if not resume:
-                raise ScanFileError(
-                    f"{folder.path} already holds a scan; pass resume=True (--resume) to "
-                    "continue or reuse it, or choose a new output folder"
-                )
-            diff = {
-                key
-                for key in set(previous) | set(settings)
-                if previous.get(key) != settings.get(key)
-            }
-            if diff:
-                raise ScanFileError(
-                    f"cannot resume {folder.path}: it was started with other settings "
-                    f"({', '.join(sorted(diff))} differ). Use the same arguments or a new folder."
-                )
-            self.complete = all((folder.path / n).is_file() for n in final_files(settings))
-            if self.complete:
-                return
-        foreign = folder.foreign()
-        if foreign:
-            raise ScanFileError(
-                f"{folder.path} holds files beyond-top1 did not write ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder"
-            )
-        folder.claim(SHARDS_DIR)
-        self.shards.mkdir(exist_ok=True)
-        folder.write_json(SETTINGS_FILE, settings)
-
-    @classmethod
-    def writer(cls, directory: Path) -> ShardStore:
-        """Shard files only, for ranks other than 0 under ``torchrun``: rank 0 holds the
-        folder's lock, checked it and claimed ``shards/`` for the whole run."""
-        store = cls.__new__(cls)
-        store.folder, store.directory = None, Path(directory)
-        store.shards, store.complete = store.directory / SHARDS_DIR, False
-        return store
-
-    def _path(self, index: int) -> Path:
-        return self.shards / f"shard-{index:05d}.safetensors"
-
-    def is_finished(self, index: int) -> bool:
-        """Whether shard ``index`` is on disk, from its header only (shards are written
-        atomically, once all their batches are done)."""
-        try:
-            with safetensors.safe_open(str(self._path(index)), framework="numpy") as f:
-                return "n_parts" in f.keys()
-        except Exception:  # noqa: BLE001 - missing or torn: redo it
-            return False
-
-    def load(self, index: int) -> list[dict] | None:
-        """The batches of shard ``index``, or ``None`` when it is missing or torn (redo it)."""
-        try:
-            arrays = safetensors.numpy.load_file(str(self._path(index)))
-            n_parts = int(arrays.pop("n_parts")[0])
-        except Exception:  # noqa: BLE001 - missing or torn: redo it
-            return None
-        return [
-            {key.split("/", 1)[1]: v for key, v in arrays.items() if key.startswith(f"{p}/")}
-            for p in range(n_parts)
-        ]
-
-    def write(self, index: int, parts: list[dict]) -> None:
-        arrays = {
-            f"{p}/{key}": np.ascontiguousarray(v)
-            for p, part in enumerate(parts)
-            for key, v in part.items()
-        }
-        arrays["n_parts"] = np.array([len(parts)], dtype=np.int64)
-        data = safetensors.numpy.save(arrays)
-        atomic_write_bytes(self._path(index), data)
-
-    def finish(self, timing: dict) -> None:
-        self.folder.write_json(TIMING_FILE, timing)
-        shutil.rmtree(self.shards, ignore_errors=True)
 
 
 def warn_ordering_arguments(function: str, arguments: dict) -> None:
@@ -325,168 +173,4 @@ def warn_ordering_arguments(function: str, arguments: dict) -> None:
         )
 
 
-def save_scan(result: ScanResult, directory: str | Path | OutputFolder, **ordering) -> Path:
-    """Write the scan's files (see the module docstring) atomically; a file of the same name
-    that beyond-top1 did not write is never replaced. ``summary.json`` holds the settings and
-    counts, no timings, so the same scan always writes the same bytes. (``ordering``: the old
-    ``n_permutations``/``filter_fraction``/``seed``, now ignored with a warning.)"""
-    warn_ordering_arguments("save_scan", ordering)
-    adopt = () if isinstance(directory, OutputFolder) else legacy_scan_files(Path(directory))
-    with output_folder(directory, SCAN_KIND, adopt=adopt) as folder:
-        folder.write_bytes(SATURATION_FILE, _parquet_bytes(result.saturation))
-        arrays = {}
-        if result.keeps_trajectories:
-            arrays = {n: np.ascontiguousarray(getattr(result, n)) for n in TRAJECTORY_FIELDS}
-        for lens, fields in result.other_lenses.items():
-            arrays.update({f"lens/{lens}/{k}": np.ascontiguousarray(v) for k, v in fields.items()})
-        for name in ("probe_task", "probe_settled"):
-            if getattr(result, name) is not None:
-                arrays[name] = np.ascontiguousarray(getattr(result, name))
-        if result.keeps_trajectories:
-            folder.write_bytes(TRAJECTORIES_FILE, safetensors.numpy.save(arrays))
-        elif arrays:
-            folder.write_bytes(LENSES_FILE, safetensors.numpy.save(arrays))
-        if result.texts is not None:
-            lines = "".join(
-                json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in result.texts
-            )
-            folder.write_text(TEXTS_FILE, lines)
-        summary = {"settings": result.settings, "n_positions": len(result), **result.info}
-        summary["n_texts_with_positions"] = int(result.saturation["text_id"].nunique())
-        s = result.saturation_array()
-        summary["mean_saturation_layer"] = [float(x) for x in s.mean(0)] if len(s) else []
-        folder.write_json(SUMMARY_FILE, summary)
-        if not (folder.path / SETTINGS_FILE).exists():
-            folder.write_json(SETTINGS_FILE, result.settings)
-    return folder.path
-
-
-def _parquet_bytes(frame: pd.DataFrame) -> bytes:
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS)
-    return sink.getvalue()
-
-
-ROW_GROUP_ROWS = 1 << 16  # saturation.parquet row groups: the unit a lazy reader loads
-
-
-def scan_dataset(directory: str | Path):
-    """``saturation.parquet`` of a scan folder as a ``pyarrow.dataset.Dataset``: filter,
-    project and iterate it (``.to_batches(columns=[...])``) without loading the table. Scans
-    written since row groups were introduced hold 65,536 positions per row group (older ones
-    one row group of up to ~1M positions, which a lazy read loads at once)."""
-    import pyarrow.dataset as ds
-
-    path = Path(directory) / SATURATION_FILE
-    if not path.is_file():
-        raise ScanFileError(f"no {SATURATION_FILE} in {directory}: is it a finished scan folder?")
-    return ds.dataset(path, format="parquet")
-
-
-def scan_ordering(directory: str | Path, **kwargs) -> OrderingStats:
-    """001's ordering statistics of a scan folder, read one row group at a time: memory does
-    not grow with the number of positions (:class:`~beyond_top1.saturation.OrderingAccumulator`;
-    the same numbers as ``load_scan(directory).ordering(**kwargs)``)."""
-    dataset = scan_dataset(directory)
-    columns = s_columns(dataset.schema.names)
-    try:
-        summary = json.loads((Path(directory) / SUMMARY_FILE).read_text(encoding="utf-8"))
-        n_layers = int(summary["settings"]["n_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ScanFileError(
-            f"{directory} has no readable {SUMMARY_FILE} with the model's n_layers: is it a "
-            "finished scan folder?"
-        ) from None
-    accumulator = OrderingAccumulator(len(columns), n_layers, **kwargs)
-    for batch in dataset.to_batches(columns=columns, batch_size=ROW_GROUP_ROWS):
-        values = np.stack([batch.column(c).to_numpy() for c in columns], axis=1)
-        accumulator.update(torch.as_tensor(values))
-    return accumulator.result()
-
-
-def load_scan(directory: str | Path) -> ScanResult:
-    """Read a folder written by :func:`~beyond_top1.scans.scan` (``out=``) or
-    :func:`save_scan`."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ScanFileError(f"no scan folder at {directory}")
-    try:
-        settings = json.loads((directory / SUMMARY_FILE).read_text()).get("settings", {})
-    except (OSError, ValueError, AttributeError):
-        settings = {}
-    keeps = settings.get("keep") != "saturation"
-    missing = [name for name in final_files(settings) if not (directory / name).is_file()]
-    if missing:
-        hint = (
-            " (an interrupted run: continue it with --resume)"
-            if (directory / SHARDS_DIR).is_dir()
-            else ""
-        )
-        raise ScanFileError(f"{directory} lacks {', '.join(missing)}{hint}")
-    try:
-        frame = pd.read_parquet(directory / SATURATION_FILE)
-        arrays_file = directory / (TRAJECTORIES_FILE if keeps else LENSES_FILE)
-        arrays = safetensors.numpy.load_file(str(arrays_file)) if arrays_file.is_file() else {}
-        summary = json.loads((directory / SUMMARY_FILE).read_text())
-        texts = None
-        if (directory / TEXTS_FILE).is_file():
-            lines = (directory / TEXTS_FILE).read_text(encoding="utf-8").splitlines()
-            texts = [json.loads(line)["text"] for line in lines]
-    except (OSError, ValueError, KeyError, safetensors.SafetensorError) as exc:
-        raise ScanFileError(f"corrupt scan folder {directory}: {exc}. Re-run the scan.") from None
-    if (keeps and not set(TRAJECTORY_FIELDS) <= set(arrays)) or any(
-        len(a) != len(frame) for a in arrays.values()
-    ):
-        raise ScanFileError(f"corrupt scan folder {directory}: arrays do not match the table")
-    other: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in arrays.items():
-        if key.startswith("lens/"):
-            _, lens, name = key.split("/", 2)
-            other.setdefault(lens, {})[name] = value
-    info = {k: v for k, v in summary.items() if k not in _SUMMARY_KEYS}
-    return ScanResult(
-        saturation=frame,
-        settings=summary.get("settings", {}),
-        other_lenses=other,
-        probe_task=arrays.get("probe_task"),
-        probe_settled=arrays.get("probe_settled"),
-        texts=texts,
-        info=info,
-        **{name: arrays.get(name) for name in TRAJECTORY_FIELDS},
-    )
-
-
-_SUMMARY_KEYS = {
-    "settings",
-    "n_positions",
-    "n_texts_with_positions",
-    "mean_saturation_layer",
-    "ordering",  # older scans stored their statistics
-    "rank_correspondence",
-}
-
-
-__all__ = [
-    "FINAL_FILES",
-    "LENSES_FILE",
-    "LENS_FIELDS",
-    "SATURATION_FILE",
-    "SCAN_KIND",
-    "SETTINGS_FILE",
-    "SHARDS_DIR",
-    "SUMMARY_FILE",
-    "ScanFileError",
-    "ScanResult",
-    "ShardStore",
-    "TEXTS_FILE",
-    "TIMING_FILE",
-    "TRAJECTORIES_FILE",
-    "TRAJECTORY_FIELDS",
-    "final_files",
-    "legacy_scan_files",
-    "load_scan",
-    "scan_dataset",
-    "scan_ordering",
-    "save_scan",
-]
+__all__ = ["LENS_FIELDS", "ScanFileError", "ScanResult", "warn_ordering_arguments"]

@@ -10,7 +10,9 @@ layer of one batch. Early-exit signals are derived from a scan
 
 With ``out=DIR`` the scan writes one shard per ``shard_batches`` batches (atomically), so an
 interrupted run continues with ``resume=True`` without redoing finished shards; resuming a
-finished scan just loads it. Re-running with the same arguments writes identical files.
+finished scan just loads it. The final files are then written from the shards one batch at a
+time and the result is read back memory-mapped (:mod:`~beyond_top1.scans.files`), so memory
+stays flat in the number of texts. Re-running with the same arguments writes identical files.
 """
 
 from __future__ import annotations
@@ -45,15 +47,18 @@ from beyond_top1.ranking import (
     reread_loose_logprobs,
 )
 from beyond_top1.saturation import saturation_layers
-from beyond_top1.scans.result import (
-    LENS_FIELDS,
+from beyond_top1.scans.files import (
     SCAN_KIND,
-    ScanFileError,
-    ScanResult,
     ShardStore,
     legacy_scan_files,
     load_scan,
-    save_scan,
+    scan_info,
+    write_scan_files,
+)
+from beyond_top1.scans.result import (
+    LENS_FIELDS,
+    ScanFileError,
+    ScanResult,
     warn_ordering_arguments,
 )
 
@@ -152,7 +157,7 @@ def _position_frame(cat, final_ids, s, k: int) -> pd.DataFrame:
     return frame
 
 
-def _assemble_saturation(parts: list[dict], settings: dict, texts: list[str]) -> ScanResult:
+def _assemble_saturation(parts: list[dict], settings: dict, texts: list[str] | None) -> ScanResult:
     k = settings["k"]
     cat = _concatenate(parts)
     frame = _position_frame(cat, cat("final_ids", (0, k), np.int64), cat("s", (0, k), np.int64), k)
@@ -163,13 +168,12 @@ def _assemble_saturation(parts: list[dict], settings: dict, texts: list[str]) ->
         }
         for name in settings.get("lenses", [])[1:]
     }
-    rows_read = int(sum(int(p["rows_read"][0]) for p in parts))
-    n_rows = len(frame) * settings["n_layers"] * max(1, len(settings.get("lenses", [0])))
-    info = {"layer_rows_read": rows_read, "layer_rows_read_fraction": rows_read / max(n_rows, 1)}
+    counts = {"layer_rows_read": int(sum(int(p["rows_read"][0]) for p in parts))}
+    info = scan_info(counts, len(frame), settings)
     return ScanResult(frame, None, None, None, None, settings, others, texts=texts, info=info)
 
 
-def _assemble(parts: list[dict], settings: dict, texts: list[str]) -> ScanResult:
+def _assemble(parts: list[dict], settings: dict, texts: list[str] | None) -> ScanResult:
     if settings.get("keep") == "saturation":
         return _assemble_saturation(parts, settings, texts)
     n_layers, k = settings["n_layers"], settings["k"]
@@ -318,13 +322,25 @@ def scan(
         return _assemble(_in_order(shards), dict(settings), texts)
     with OutputFolder(out, SCAN_KIND, adopt=legacy_scan_files(Path(out))) as folder:
         store = ShardStore(folder, settings, resume)
-        if store.complete:
-            return load_scan(folder.path)
-        shards, timing = run(store=store, progress=progress, where=where)
-        result = _assemble(_in_order(shards), dict(settings), texts)
-        save_scan(result, folder)
-        store.finish(timing)
-    return result
+        if not store.complete:
+            _, timing = run(store=store, progress=progress, where=where, keep_parts=False)
+            _write_merged(folder, store, settings, texts)
+            store.finish(timing)
+    return load_scan(out)
+
+
+def _write_merged(folder: OutputFolder, store: ShardStore, settings: dict, texts) -> None:
+    """The final files from every shard in ``store``, one batch in memory at a time."""
+
+    def pieces():
+        for index in _shard_indices(settings):
+            parts = store.load(index)
+            if parts is None:
+                raise ScanFileError(f"scan shard {index} is missing or torn; rerun with resume")
+            for part in parts:
+                yield _assemble([part], settings, None)
+
+    write_scan_files(folder, pieces, settings, texts)
 
 
 def _scan_ranks(run, texts, out: Path | None, settings, resume, progress, where) -> ScanResult:
@@ -364,9 +380,7 @@ def _scan_ranks(run, texts, out: Path | None, settings, resume, progress, where)
 
             def merge() -> None:
                 if folder is not None:
-                    shards = {index: store.load(index) for index in _shard_indices(settings)}
-                    result = _assemble(_in_order(shards), dict(settings), texts)
-                    save_scan(result, folder)
+                    _write_merged(folder, store, settings, texts)
                     ShardStore(folder, settings, resume=True).finish(_merged_timing(timings))
 
             distributed.run_checked(merge, where)
