@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 _SAFETENSORS_DTYPES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32",
-    "int64": "I64", "float16": "F16", "float32": "F32", "float64": "F64",
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
+    "uint32": "U32", "int32": "I32", "uint64": "U64", "int64": "I64", "float16": "F16",
+    "float32": "F32", "float64": "F64",
 }  # fmt: skip
 _NUMPY_DTYPES = {code: name for name, code in _SAFETENSORS_DTYPES.items()}
 
@@ -34,6 +35,8 @@ class SafetensorsLayout:
         for name, array in arrays.items():
             if array.ndim == 0:
                 raise ValueError(f"{name} is a scalar: give arrays of at least one axis")
+            if array.dtype.name not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{name}: dtype {array.dtype} cannot be stored in safetensors")
             dtype, tail, rows = self.specs.get(name, (array.dtype, array.shape[1:], 0))
             if (dtype, tail) != (array.dtype, array.shape[1:]):
                 raise ValueError(
@@ -52,8 +55,9 @@ def write_safetensors(
     path: Path, layout: SafetensorsLayout, pieces: Iterable[dict], metadata: dict | None = None
 ) -> None:
     """A safetensors file of ``layout``'s tensors, their rows written piece by piece (each
-    tensor's bytes at its running offset), so no tensor is ever whole in memory."""
-    names = sorted(layout.specs)
+    tensor's bytes at its running offset), so no tensor is ever whole in memory. Wider dtypes
+    come first (then by name), so every tensor starts aligned to its item size."""
+    names = sorted(layout.specs, key=lambda n: (-layout.specs[n][0].itemsize, n))
     header, offset, end = {}, {}, 0
     for name in names:
         dtype, tail, rows = layout.specs[name]
@@ -77,34 +81,34 @@ def write_safetensors(
                 little_endian = layout.specs[name][0].newbyteorder("<")
                 data = np.ascontiguousarray(arrays[name], dtype=little_endian)
                 handle.seek(base + offset[name])
-                handle.write(memoryview(data).cast("B"))
+                handle.write(data.reshape(-1).view(np.uint8))
                 offset[name] += data.nbytes
     if any(offset[name] != header[name]["data_offsets"][1] for name in names):
         raise ValueError(f"{path.name}: the pieces changed between passes")
 
 
 def map_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file as copy-on-write memory maps: nothing is read until
-    used, and writing to an array changes this process's copy, never the file."""
+    """The tensors of a safetensors file as views of one copy-on-write memory map: nothing is
+    read until used, and writing to an array changes this process's copy, never the file."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        n = int.from_bytes(handle.read(8), "little")
-        if not 2 <= n <= size - 8:
-            raise ValueError(f"{path.name} is not a safetensors file")
-        header = json.loads(handle.read(n))
+    if path.stat().st_size < 10:
+        raise ValueError(f"{path.name} is not a safetensors file")
+    whole = np.memmap(path, np.uint8, "c")
+    n = int.from_bytes(whole[:8].tobytes(), "little")
+    header = json.loads(whole[8 : 8 + n].tobytes()) if 2 <= n <= len(whole) - 8 else None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name} is not a safetensors file")
     header.pop("__metadata__", None)
     arrays = {}
     for name, spec in header.items():
+        if not isinstance(spec, dict) or spec.get("dtype") not in _NUMPY_DTYPES:
+            raise ValueError(f"{path.name}: tensor {name} has an unsupported dtype")
         dtype = np.dtype(_NUMPY_DTYPES[spec["dtype"]]).newbyteorder("<")
         shape = tuple(int(d) for d in spec["shape"])
-        begin, end = (int(x) for x in spec["data_offsets"])
-        if end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
+        begin, end = (8 + n + int(x) for x in spec["data_offsets"])
+        if end - begin != math.prod(shape) * dtype.itemsize or end > len(whole):
             raise ValueError(f"{path.name}: tensor {name} does not fit the file")
-        if end > begin:
-            arrays[name] = np.memmap(path, dtype, "c", offset=8 + n + begin, shape=shape)
-        else:
-            arrays[name] = np.zeros(shape, dtype)
+        arrays[name] = whole[begin:end].view(dtype).reshape(shape)
     return arrays
 
 

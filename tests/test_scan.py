@@ -172,6 +172,7 @@ def test_files_do_not_depend_on_batching_and_load_lazily(tiny_model, tmp_path, m
     import safetensors.numpy
 
     import beyond_top1.scans.files as files_module
+    from beyond_top1.safetensors_file import map_safetensors, save_arrays
 
     monkeypatch.setattr(files_module, "ROW_GROUP_ROWS", 5)  # row groups straddle the batches
     kwargs = dict(k=3, batch_size=2, max_len=12, progress=False)
@@ -193,15 +194,24 @@ def test_files_do_not_depend_on_batching_and_load_lazily(tiny_model, tmp_path, m
     streamed.top_ids[0, 0, 0] = -7  # a private copy: the file keeps its bytes
     assert load_scan(tmp_path / "streamed").top_ids[0, 0, 0] == whole.top_ids[0, 0, 0] != -7
 
+    empty = whole.subset(np.zeros(len(whole), dtype=bool))  # no positions at all
+    assert len(load_scan(empty.save(tmp_path / "empty"))) == 0
+    assert load_scan(tmp_path / "empty").top_ids.shape == (0, whole.n_layers, 3)
+
+    # every tensor starts aligned to its item size, whatever the odd lengths before it
+    odd = {"a": np.ones((3, 1), np.int16), "b": np.ones(5, np.float64), "c": np.ones(1, np.int32)}
+    save_arrays(tmp_path / "odd.safetensors", odd)
+    mapped = map_safetensors(tmp_path / "odd.safetensors")
+    assert all(mapped[name].flags.aligned for name in odd)
     # a file written by the safetensors library (scans saved before this writer) maps too
     legacy = {"a": np.arange(12, dtype=np.int32).reshape(3, 4), "b": np.zeros((0, 2), np.float32)}
     safetensors.numpy.save_file(legacy, str(tmp_path / "legacy.safetensors"))
-    mapped = files_module.map_safetensors(tmp_path / "legacy.safetensors")
+    mapped = map_safetensors(tmp_path / "legacy.safetensors")
     np.testing.assert_array_equal(mapped["a"], legacy["a"])
     assert mapped["b"].shape == (0, 2)
     (tmp_path / "bad.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{}")
     with pytest.raises(ValueError, match="not a safetensors file"):
-        files_module.map_safetensors(tmp_path / "bad.safetensors")
+        map_safetensors(tmp_path / "bad.safetensors")
 
 
 def test_writing_a_scan_holds_one_piece_at_a_time(tmp_path):

@@ -286,8 +286,13 @@ def write_scan_files(
         arrays = (array_fields(piece) for piece in pieces())
         folder.write(name, lambda tmp: write_safetensors(tmp, totals.arrays, arrays))
     if texts is not None:
-        lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
-        folder.write_text(TEXTS_FILE, lines)
+
+        def lines(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for text in texts:
+                    handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+        folder.write(TEXTS_FILE, lines)
     info = scan_info(totals.counts, totals.n, settings) if info is None else info
     summary = {"settings": settings, "n_positions": totals.n, **info}
     summary["n_texts_with_positions"] = len(totals.texts)
@@ -430,7 +435,6 @@ __all__ = [
     "final_files",
     "legacy_scan_files",
     "load_scan",
-    "map_safetensors",
     "save_scan",
     "scan_dataset",
     "scan_info",

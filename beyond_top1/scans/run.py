@@ -11,8 +11,9 @@ layer of one batch. Early-exit signals are derived from a scan
 With ``out=DIR`` the scan writes one shard per ``shard_batches`` batches (atomically), so an
 interrupted run continues with ``resume=True`` without redoing finished shards; resuming a
 finished scan just loads it. The final files are then written from the shards one batch at a
-time and the result is read back memory-mapped (:mod:`~beyond_top1.scans.files`), so memory
-stays flat in the number of texts. Re-running with the same arguments writes identical files.
+time and the result is read back with its per-layer arrays memory-mapped
+(:mod:`~beyond_top1.scans.files`): only the table (~112 bytes a position) is read whole.
+Re-running with the same arguments writes identical files.
 """
 
 from __future__ import annotations
