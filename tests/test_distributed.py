@@ -117,8 +117,8 @@ def test_the_probe_command_on_two_ranks_writes_the_files_of_one_process(texts_fi
     names = ("cv.json", "cv_folds.csv", "cv_per_layer.csv", "cv_per_class.csv")
     for name in (*names, "rows_per_layer.csv"):
         assert (cwd / "probe-one" / name).read_bytes() == (cwd / "probe-two" / name).read_bytes()
-    # the probe file: the same arrays and metadata (the safetensors library orders a header's
-    # metadata differently from one process to the next, so not the same bytes)
+    # the probe file: the same arrays and metadata (its bytes are the same too since probes
+    # are written by beyond_top1.safetensors_file; tests/test_probes.py checks that)
     from safetensors import safe_open
 
     files = [safe_open(str(cwd / run / "probe.safetensors"), "numpy") for run in PROBE_RUNS]
