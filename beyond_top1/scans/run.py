@@ -389,9 +389,7 @@ def _scan_ranks(run, texts, out: Path | None, settings, resume, progress, where)
 
 
 def _in_order(shards: dict[int, list[dict]]) -> list[dict]:
-    missing = [i for i, parts in shards.items() if parts is None]
-    if missing:
-        raise ScanFileError(f"scan shards {missing[:5]} are missing or torn; rerun with resume")
+    """The parts of an in-memory run, in shard order (files go through :func:`_write_merged`)."""
     return [part for index in sorted(shards) for part in shards[index]]
 
 
